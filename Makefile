@@ -1,0 +1,32 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench node-tests clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned: an unpinned torch pulls a several-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/slimgraph inspect digits-cnn
+	$(BIN)/slimgraph export digits-cnn -o demo-out --passes fold-constants --backend ort-cpu --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check slimgraph tests benchmarks
+
+node-tests: $(STAMP)
+	$(BIN)/python benchmarks/node_tests.py
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,67 @@
+"""Calibration and evaluation data: an iterable of input feeds (name -> numpy array)."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimgraph.errors import InputSpecError
+
+Feeds = dict[str, np.ndarray]
+
+
+class Calibration:
+    """A re-iterable list of feeds. Accepts feeds, an .npz file, or an ORT CalibrationDataReader."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, Any]]) -> None:
+        self.feeds: list[Feeds] = [
+            {k: np.asarray(v) for k, v in feed.items()} for feed in feeds
+        ]
+
+    @classmethod
+    def coerce(cls, data: Any) -> Calibration | None:
+        if data is None or isinstance(data, Calibration):
+            return data
+        if isinstance(data, (str, Path)):
+            return cls.from_npz(data)
+        if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
+            return cls(iter(data.get_next, None))
+        return cls(data)
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> Calibration:
+        """Read an .npz whose arrays are named after the model inputs; axis 0 is the sample axis.
+
+        Each sample becomes one feed with a batch of 1. Arrays are loaded with pickling disabled.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise InputSpecError(f"{path}: not a readable .npz calibration file ({exc})") from exc
+        if not arrays:
+            raise InputSpecError(f"{path}: calibration file holds no arrays")
+        counts = {k: len(v) for k, v in arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise InputSpecError(f"{path}: arrays disagree on the sample count: {counts}")
+        n = next(iter(counts.values()))
+        return cls({k: v[i : i + 1] for k, v in arrays.items()} for i in range(n))
+
+    def batched(self, batch: int) -> list[Feeds]:
+        """Concatenate consecutive feeds into batches of ``batch`` samples (the last may be short)."""
+        out = []
+        for i in range(0, len(self.feeds), batch):
+            group = self.feeds[i : i + batch]
+            out.append({k: np.concatenate([f[k] for f in group]) for k in group[0]})
+        return out
+
+    def __iter__(self) -> Iterator[Feeds]:
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)

@@ -1,0 +1,113 @@
+"""Counts over an IR model: weights, parameters, ops and MACs (what `slimgraph inspect` shows)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import onnx_ir as ir
+
+
+def _initializer_tensors(model: ir.Model):
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain == "":
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers and Constant tensors, as stored."""
+    return sum(t.nbytes for t in _initializer_tensors(model))
+
+
+def param_count(model: ir.Model) -> int:
+    """Number of scalar elements in all initializers and Constant tensors."""
+    return sum(math.prod(t.shape.numpy()) for t in _initializer_tensors(model))
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counter = collections.Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@dataclasses.dataclass
+class LayerMacs:
+    node: str
+    op_type: str
+    macs: int
+
+
+def _static_dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = value.shape.numpy() if value.shape.is_static() else None
+    if dims is None:
+        return None
+    return [int(d) for d in dims]
+
+
+def _shape_with_batch(value: ir.Value | None, batch: int) -> list[int] | None:
+    """Static dims of a value, with symbolic dims read as ``batch`` (one sample per symbol)."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        dims.append(d if isinstance(d, int) else batch)
+    return dims
+
+
+def layer_macs(model: ir.Model, batch: int = 1) -> list[LayerMacs]:
+    """Multiply-accumulates of the matrix ops (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU).
+
+    Needs output shapes in the graph (run shape inference first); symbolic dims count as ``batch``.
+    """
+    rows = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        macs = _node_macs(node, batch)
+        if macs is not None:
+            rows.append(LayerMacs(node.name or node.op_type, node.op_type, macs))
+    return rows
+
+
+def _node_macs(node: ir.Node, batch: int) -> int | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
+        w = _shape_with_batch(node.inputs[1], batch)
+        out = _shape_with_batch(node.outputs[0], batch)
+        x = _shape_with_batch(node.inputs[0], batch)
+        if w is None or out is None or x is None:
+            return None
+        kernel = math.prod(w[2:])
+        if op == "Conv":
+            # out elements x (Cin/groups x kernel)
+            return math.prod(out) * w[1] * kernel
+        # ConvTranspose: every input element scatters into Cout/groups x kernel outputs.
+        return math.prod(x) * w[1] * kernel
+    if op in ("Gemm", "MatMul"):
+        a = _shape_with_batch(node.inputs[0], batch)
+        out = _shape_with_batch(node.outputs[0], batch)
+        if a is None or out is None or not a:
+            return None
+        trans_a = op == "Gemm" and node.attributes.get_int("transA", 0)
+        k = a[0] if trans_a else a[-1]
+        return math.prod(out) * k
+    if op in ("LSTM", "GRU", "RNN") and len(node.inputs) > 2:
+        x = _shape_with_batch(node.inputs[0], batch)
+        w = _shape_with_batch(node.inputs[1], batch)
+        r = _shape_with_batch(node.inputs[2], batch)
+        if x is None or w is None or r is None:
+            return None
+        seq, n = x[0], x[1]
+        # W: [dirs, gates*H, in], R: [dirs, gates*H, H]
+        return seq * n * (math.prod(w) + math.prod(r))
+    return None

@@ -1,0 +1,39 @@
+"""The pass registry (CLI name -> class, listed by hand) and the named recipes."""
+
+from __future__ import annotations
+
+from slimgraph.errors import PipelineSpecError
+from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.fold_constants import FoldConstantsPass
+from slimgraph.passes.pipeline import Pipeline, make_pass
+from slimgraph.passes.report import EXACT, PassReport, Tolerance
+
+PASSES: dict[str, type[SlimgraphPass]] = {
+    FoldConstantsPass.name: FoldConstantsPass,
+}
+
+RECIPES: dict[str, str] = {
+    "lossless": "fold-constants",
+}
+
+
+def recipe(name: str) -> Pipeline:
+    """A named pipeline built from the same pass objects a user composes."""
+    spec = RECIPES.get(name)
+    if spec is None:
+        raise PipelineSpecError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    return Pipeline.parse(spec)
+
+
+__all__ = [
+    "EXACT",
+    "PASSES",
+    "RECIPES",
+    "FoldConstantsPass",
+    "PassReport",
+    "Pipeline",
+    "SlimgraphPass",
+    "Tolerance",
+    "make_pass",
+    "recipe",
+]

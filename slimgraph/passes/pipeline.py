@@ -1,0 +1,185 @@
+"""Pipelines: one parser for CLI specs (`a,b:opt=1,c`), TOML recipes and Python lists of passes."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from slimgraph.errors import PipelineSpecError
+from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.report import EXACT, PassReport, Tolerance
+
+
+class Pipeline:
+    """An ordered list of slimgraph passes, run in place as one onnx_ir ``Sequential``."""
+
+    def __init__(self, passes: Iterable[SlimgraphPass] = ()) -> None:
+        self.passes = list(passes)
+        for p in self.passes:
+            if not isinstance(p, SlimgraphPass):
+                raise PipelineSpecError(f"{p!r} is not a slimgraph pass")
+
+    @classmethod
+    def parse(cls, spec: str) -> Pipeline:
+        """Build a pipeline from a CLI spec such as ``fold-constants,quantize:int8,dynamic=true``.
+
+        Commas separate passes; after ``name:`` the tokens ``key=value`` (or a bare first value,
+        the pass's mode) are that pass's options until the next token without ``=``.
+        """
+        entries: list[tuple[str, dict[str, Any], list[str]]] = []
+        for raw in spec.split(","):
+            token = raw.strip()
+            if not token:
+                continue
+            if ":" in token:
+                name, _, first = token.partition(":")
+                entries.append((name.strip(), {}, []))
+                _add_option(entries[-1], first.strip(), spec)
+            elif "=" in token and entries:
+                _add_option(entries[-1], token, spec)
+            else:
+                entries.append((token, {}, []))
+        if not entries:
+            raise PipelineSpecError(f"empty pass spec {spec!r}")
+        return cls(make_pass(name, options, positional) for name, options, positional in entries)
+
+    @classmethod
+    def from_recipe(cls, path: str | Path) -> Pipeline:
+        """Build a pipeline from a TOML recipe: a ``[[pass]]`` table per pass, ``name`` + options."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PipelineSpecError(f"{path}: cannot read recipe: {exc}") from exc
+        tables = data.get("pass")
+        if not isinstance(tables, list) or not tables:
+            raise PipelineSpecError(f"{path}: a recipe needs at least one [[pass]] table")
+        passes = []
+        for i, table in enumerate(tables):
+            table = dict(table)
+            name = table.pop("name", None)
+            if not isinstance(name, str):
+                raise PipelineSpecError(f"{path}: [[pass]] #{i + 1} has no name")
+            passes.append(make_pass(name, table, [], source=str(path)))
+        return cls(passes)
+
+    @classmethod
+    def coerce(cls, passes: Pipeline | str | Iterable[SlimgraphPass] | None) -> Pipeline:
+        """Accept what the API accepts for ``passes=``: a Pipeline, a spec/recipe path, or passes."""
+        if passes is None:
+            return cls()
+        if isinstance(passes, Pipeline):
+            return passes
+        if isinstance(passes, (str, Path)):
+            text = str(passes)
+            if text.endswith(".toml"):
+                return cls.from_recipe(text)
+            return cls.parse(text)
+        return cls(passes)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The loosest tolerance any pass in the pipeline declares."""
+        tol = EXACT
+        for p in self.passes:
+            tol = tol.loosest(p.tolerance)
+        return tol
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, list[PassReport]]:
+        if not self.passes:
+            return model, []
+        result = ir.passes.Sequential(*self.passes)(model)
+        return result.model, [p.report for p in self.passes]
+
+    def spec(self) -> str:
+        return ",".join(_pass_spec(p) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.passes!r})"
+
+
+def _pass_spec(p: SlimgraphPass) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in p.options().items())
+    return f"{p.name}:{opts}" if opts else p.name
+
+
+def _add_option(entry: tuple[str, dict[str, Any], list[str]], token: str, spec: str) -> None:
+    name, options, positional = entry
+    if not token:
+        raise PipelineSpecError(f"pass {name!r} in {spec!r}: empty option after ':'")
+    if "=" in token:
+        key, _, value = token.partition("=")
+        options[key.strip()] = value.strip()
+    elif options or positional:
+        raise PipelineSpecError(f"pass {name!r} in {spec!r}: option {token!r} needs key=value")
+    else:
+        positional.append(token)
+
+
+def make_pass(
+    name: str, options: Mapping[str, Any], positional: list[str], source: str = "pass spec"
+) -> SlimgraphPass:
+    """Instantiate the registered pass ``name`` with options coerced to its annotated types."""
+    from slimgraph.passes import PASSES  # the registry imports this module
+
+    cls = PASSES.get(name)
+    if cls is None:
+        raise PipelineSpecError(
+            f"{source}: unknown pass {name!r}; valid passes: {', '.join(sorted(PASSES))}"
+        )
+    params = {
+        k: p
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    hints = typing.get_type_hints(cls.__init__)
+    kwargs: dict[str, Any] = {}
+    if positional:
+        if "mode" not in params:
+            raise PipelineSpecError(
+                f"{source}: pass {name!r} takes no mode; got {positional[0]!r}"
+                + (f"; options: {', '.join(params)}" if params else "")
+            )
+        kwargs["mode"] = positional[0]
+    for key, raw in options.items():
+        if key not in params:
+            valid = ", ".join(params) or "none"
+            raise PipelineSpecError(
+                f"{source}: unknown option {key!r} for pass {name!r}; valid options: {valid}"
+            )
+        kwargs[key] = _coerce(raw, hints.get(key, str), f"{source}: {name}:{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PipelineSpecError(f"{source}: pass {name!r}: {exc}") from exc
+
+
+def _coerce(raw: Any, hint: Any, where: str) -> Any:
+    """Turn a CLI string (or a TOML value) into the annotated type of an option."""
+    if not isinstance(raw, str):
+        return raw
+    target = hint
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        target = args[0] if args else str
+    try:
+        if target is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if target in (int, float):
+            return target(raw)
+        if typing.get_origin(target) in (list, tuple):
+            return [s for s in raw.split("+") if s]
+    except ValueError as exc:
+        raise PipelineSpecError(f"{where}: {raw!r} is not a valid {getattr(target, '__name__', target)}") from exc
+    return raw

@@ -1,0 +1,51 @@
+"""The record every pass fills in; it ends up in manifest.json and report.md."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class Tolerance:
+    """How far a pass may move the outputs, measured against the float reference.
+
+    ``max_rel_err`` is max |out - ref| / max |ref| over each output; ``min_cosine`` is the cosine
+    similarity of the flattened outputs. Exact rewrites keep float-reassociation slack only.
+    """
+
+    max_rel_err: float = 1e-4
+    min_cosine: float = 0.9999
+    min_top1: float = 1.0
+
+    def loosest(self, other: Tolerance) -> Tolerance:
+        return Tolerance(
+            max(self.max_rel_err, other.max_rel_err),
+            min(self.min_cosine, other.min_cosine),
+            min(self.min_top1, other.min_top1),
+        )
+
+
+EXACT = Tolerance()
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one pass did: counts of what it changed and the weight bytes before/after."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    modified: bool = False
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
