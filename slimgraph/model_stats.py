@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 
@@ -44,14 +45,6 @@ class LayerMacs:
     op_type: str
     macs: int
 
-
-def _static_dims(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.shape is None:
-        return None
-    dims = value.shape.numpy() if value.shape.is_static() else None
-    if dims is None:
-        return None
-    return [int(d) for d in dims]
 
 
 def _shape_with_batch(value: ir.Value | None, batch: int) -> list[int] | None:
@@ -111,3 +104,49 @@ def _node_macs(node: ir.Node, batch: int) -> int | None:
         # W: [dirs, gates*H, in], R: [dirs, gates*H, H]
         return seq * n * (math.prod(w) + math.prod(r))
     return None
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    """What `slimgraph inspect` shows."""
+
+    inputs: list[dict]
+    outputs: list[dict]
+    ops: dict[str, int]
+    nodes: int
+    params: int
+    weight_bytes: int
+    layers: list[LayerMacs]
+    batch: int
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["total_macs"] = self.total_macs
+        return data
+
+
+def summarize(model: ir.Model, batch: int = 1) -> ModelSummary:
+    """Shape-infer ``model`` in place (shapes only) and count its ops, weights and MACs."""
+    # A graph onnx shape inference cannot handle still gets counted: MACs then cover the layers
+    # whose shapes the exporter recorded.
+    with contextlib.suppress(Exception):
+        ir.passes.common.ShapeInferencePass()(model)
+
+    def value_json(v: ir.Value) -> dict:
+        shape = None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
+        return {"name": v.name, "dtype": v.dtype.name if v.dtype else None, "shape": shape}
+
+    return ModelSummary(
+        inputs=[value_json(v) for v in model.graph.inputs],
+        outputs=[value_json(v) for v in model.graph.outputs],
+        ops=op_histogram(model),
+        nodes=sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)),
+        params=param_count(model),
+        weight_bytes=weight_bytes(model),
+        layers=layer_macs(model, batch),
+        batch=batch,
+    )

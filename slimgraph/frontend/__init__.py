@@ -1,0 +1,274 @@
+"""Frontends: resolve MODEL (an .onnx path, `package.module:callable`, or a built-in name) to IR.
+
+Whatever the source, the result carries the float reference that every artifact is verified
+against: the torch module itself, or the source ONNX file under onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.calibration import Calibration, Feeds
+from slimgraph.errors import InputSpecError, ModelLoadError
+from slimgraph.verify import Runner
+
+DEFAULT_MODEL = "digits-cnn"
+VERIFY_SAMPLES = 256  # at most this many samples of evaluation data verify an artifact
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+InputShapes = Mapping[str, Sequence[int]]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """An IR model plus what verification and calibration need to judge what is made from it."""
+
+    model: ir.Model
+    source: dict[str, Any]  # kind, name, sha256
+    reference: Runner
+    verification_feeds: list[Feeds]
+    calibration: Calibration | None
+    task: str | None  # "classification" makes top-1 agreement binding
+
+
+def parse_input_spec(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``image=1x3x32x32`` -> ("image", (1, 3, 32, 32))."""
+    name, eq, dims = spec.partition("=")
+    if not eq or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
+        raise InputSpecError(f"--input {spec!r}: expected NAME=DxDxD, e.g. image=1x3x32x32")
+    return name.strip(), tuple(int(d) for d in dims.strip().split("x"))
+
+
+def load(
+    model: str | Path | Any = DEFAULT_MODEL,
+    *,
+    inputs: InputShapes | None = None,
+    calibration: Any = None,
+) -> LoadedModel:
+    """Load MODEL: an ``.onnx`` path, ``package.module:callable``, a built-in name or an nn.Module.
+
+    ``inputs`` gives input shapes (required for a module without example inputs); ``calibration``
+    is anything :meth:`Calibration.coerce` accepts and also serves as verification input.
+    """
+    calib = Calibration.coerce(calibration)
+    inputs = dict(inputs or {})
+    if not isinstance(model, (str, Path)):
+        return _load_torch(model, None, inputs, calib, {"kind": "torch", "name": type(model).__name__})
+    text = str(model)
+    path = Path(text)
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(
+            f"{path}: looks like a torch checkpoint; slimgraph never unpickles a file. Pass a "
+            "`package.module:callable` that builds the module and loads its weights with "
+            "torch.load(weights_only=True) or safetensors."
+        )
+    if path.suffix.lower() == ".onnx" or path.exists():
+        return _load_onnx_file(path, inputs, calib)
+    if ":" in text:
+        return _load_callable(text, inputs, calib)
+    from slimgraph.frontend.builtin import get_builtin
+
+    return _load_builtin(get_builtin(text), inputs, calib)
+
+
+def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> LoadedModel:
+    from slimgraph.backends.ort import runner_for, session_for
+    from slimgraph.frontend.onnx_file import file_sha256, load_onnx
+
+    model = load_onnx(path)
+    _check_input_names(model, inputs, str(path))
+    try:
+        reference = runner_for(session_for(path))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ModelLoadError(f"{path}: onnxruntime cannot run the source model: {exc}") from exc
+    feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else [
+        random_feeds(model, inputs, seed=0)
+    ]
+    for feed in feeds:
+        check_feed(model, feed, str(path))
+    source = {"kind": "onnx", "name": str(path), "sha256": file_sha256(path)}
+    return LoadedModel(model, source, reference, feeds, calib, None)
+
+
+def _load_callable(spec: str, inputs: dict, calib: Calibration | None) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the current project is importable
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"{spec}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
+    try:
+        made = factory()
+    except Exception as exc:  # user code: report whatever it raised
+        raise ModelLoadError(f"{spec}: calling it raised {type(exc).__name__}: {exc}") from exc
+    module, example = (made if isinstance(made, tuple) else (made, None))
+    return _load_torch(module, example, inputs, calib, {"kind": "torch", "name": spec})
+
+
+def _load_torch(module, example, inputs: dict, calib: Calibration | None,
+                source: dict[str, Any]) -> LoadedModel:
+    import torch
+
+    from slimgraph.frontend.torch_export import export_module, torch_outputs
+
+    label = source["name"]
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"{label}: expected a torch.nn.Module, got {type(module).__name__}")
+    if example is None:
+        if not inputs:
+            raise InputSpecError(
+                f"{label}: a torch module needs example inputs: pass --input NAME=DxD... for each "
+                "input, or return (module, example_inputs) from the callable"
+            )
+        gen = torch.Generator().manual_seed(0)
+        example = tuple(torch.randn(*shape, generator=gen) for shape in inputs.values())
+        names = list(inputs)
+    else:
+        example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        names = list(inputs) if inputs else [f"input_{i}" for i in range(len(example))]
+        if len(names) != len(example):
+            raise InputSpecError(f"{label}: {len(example)} example inputs but --input names {names}")
+    model = export_module(module, example, names, label=label)
+    source["sha256"] = _proto_sha256(model)
+    feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else [
+        {n: t.detach().numpy() for n, t in zip(names, example, strict=True)}
+    ]
+    return LoadedModel(model, source, _torch_runner(module, names, torch_outputs), feeds, calib, None)
+
+
+def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedModel:
+    from slimgraph.frontend.torch_export import export_module, torch_outputs
+
+    if inputs:
+        _check_builtin_inputs(builtin, inputs)
+    model = export_module(builtin.module, builtin.example_inputs, builtin.input_names,
+                          builtin.output_names, label=builtin.name)
+    evaluation = builtin.evaluation()
+    feeds, samples = [], 0
+    for feed in evaluation.feeds:
+        if samples >= VERIFY_SAMPLES:
+            break
+        feeds.append(feed)
+        samples += next(iter(feed.values())).shape[0]
+    if calib is None:
+        calib = Calibration(builtin.calibration(64))
+    source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
+    reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
+    return LoadedModel(model, source, reference, feeds, calib, builtin.task)
+
+
+def _torch_runner(module, names: list[str], torch_outputs) -> Runner:
+    import torch
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        return torch_outputs(module, [torch.from_numpy(np.asarray(feeds[n])) for n in names])
+
+    return run
+
+
+def _proto_sha256(model: ir.Model) -> str:
+    return hashlib.sha256(ir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+
+
+def _check_input_names(model: ir.Model, inputs: dict, label: str) -> None:
+    names = [v.name for v in model.graph.inputs]
+    for name, shape in inputs.items():
+        value = next((v for v in model.graph.inputs if v.name == name), None)
+        if value is None:
+            raise InputSpecError(f"--input {name}: {label} has no input {name!r}; inputs: {names}")
+        _check_shape(value, shape, label)
+
+
+def _check_shape(value: ir.Value, shape: Sequence[int], label: str) -> None:
+    dims = list(value.shape) if value.shape is not None else None
+    if dims is None:
+        return
+    given = "x".join(map(str, shape))
+    if len(dims) != len(shape):
+        raise InputSpecError(
+            f"--input {value.name}={given}: {label} input {value.name!r} has rank {len(dims)} "
+            f"(shape {_shape_text(dims)}), not {len(shape)}"
+        )
+    for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
+        if isinstance(d, int) and d != s:
+            raise InputSpecError(
+                f"--input {value.name}={given}: dim {i} is {s} but {label} input {value.name!r} "
+                f"has shape {_shape_text(dims)}"
+            )
+
+
+def _check_builtin_inputs(builtin, inputs: dict) -> None:
+    for name, shape in inputs.items():
+        if name not in builtin.input_names:
+            raise InputSpecError(
+                f"--input {name}: built-in {builtin.name!r} has inputs {builtin.input_names}"
+            )
+        example = builtin.example_inputs[builtin.input_names.index(name)]
+        if tuple(shape[1:]) != tuple(example.shape[1:]):
+            raise InputSpecError(
+                f"--input {name}={'x'.join(map(str, shape))}: built-in {builtin.name!r} takes "
+                f"{name} of shape Nx{'x'.join(map(str, example.shape[1:]))}"
+            )
+
+
+def _shape_text(dims: Sequence) -> str:
+    return "x".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims)
+
+
+def check_feed(model: ir.Model, feed: Feeds, label: str) -> None:
+    """Raise InputSpecError if a feed misses an input or has a shape the model rejects."""
+    for value in model.graph.inputs:
+        if value.name not in feed:
+            raise InputSpecError(f"{label}: calibration data has no array for input {value.name!r}")
+        _check_shape(value, feed[value.name].shape, label)
+
+
+_NUMPY_DTYPES = {
+    ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64,
+    ir.DataType.FLOAT16: np.float16, ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32,
+    ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8, ir.DataType.BOOL: np.bool_,
+}
+
+
+def random_feeds(model: ir.Model, inputs: InputShapes | None = None, seed: int = 0,
+                 batch: int = 2) -> Feeds:
+    """Deterministic inputs for a model without data: N(0,1) floats, small non-negative ints.
+
+    Shapes come from ``inputs`` where given, else the graph's; symbolic dims read as ``batch``.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        if inputs and value.name in inputs:
+            shape = tuple(inputs[value.name])
+        elif value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else batch for d in value.shape)
+        else:
+            raise InputSpecError(f"input {value.name!r} has no shape: pass --input {value.name}=...")
+        dtype = value.dtype
+        np_dtype = _NUMPY_DTYPES.get(dtype) if dtype is not None else None
+        if np_dtype is None:
+            raise InputSpecError(
+                f"input {value.name!r} has type {dtype}; pass real data with --calib FILE.npz"
+            )
+        if np.issubdtype(np_dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(np_dtype)
+        elif np_dtype is np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[value.name] = rng.integers(0, 10, shape).astype(np_dtype)
+    return feeds
+
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load", "parse_input_spec", "random_feeds"]

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from slimgraph.calibration import Calibration
 from slimgraph.model_stats import weight_bytes
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
@@ -21,6 +22,8 @@ class SlimgraphPass(ir.passes.InPlacePass):
 
     name: ClassVar[str]
     tolerance: ClassVar[Tolerance] = EXACT
+    needs_calibration: ClassVar[bool] = False  # export() binds its Calibration before running
+    calibration: Calibration | None = None
 
     def __init__(self) -> None:
         self.report = PassReport(self.name, options=self.options())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import tomllib
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph.calibration import Calibration
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
@@ -91,6 +93,14 @@ class Pipeline:
             tol = tol.loosest(p.tolerance)
         return tol
 
+    def bind_calibration(self, calibration: Calibration | None) -> None:
+        """Give calibration data to the passes that need it and were not given their own."""
+        for p in self.passes:
+            if p.needs_calibration and p.calibration is None:
+                if calibration is None:
+                    raise PipelineSpecError(f"pass {p.name!r} needs calibration data (--calib)")
+                p.calibration = calibration
+
     def run(self, model: ir.Model) -> tuple[ir.Model, list[PassReport]]:
         if not self.passes:
             return model, []
@@ -165,7 +175,7 @@ def _coerce(raw: Any, hint: Any, where: str) -> Any:
     if not isinstance(raw, str):
         return raw
     target = hint
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         target = args[0] if args else str
     try:
@@ -181,5 +191,6 @@ def _coerce(raw: Any, hint: Any, where: str) -> Any:
         if typing.get_origin(target) in (list, tuple):
             return [s for s in raw.split("+") if s]
     except ValueError as exc:
-        raise PipelineSpecError(f"{where}: {raw!r} is not a valid {getattr(target, '__name__', target)}") from exc
+        kind = getattr(target, "__name__", str(target))
+        raise PipelineSpecError(f"{where}: {raw!r} is not a valid {kind}") from exc
     return raw

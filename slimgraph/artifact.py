@@ -1,0 +1,72 @@
+"""Artifact directories: written into a temporary sibling and renamed into place, never half-done."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from slimgraph.errors import OutputExistsError
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it vanishes.
+
+    A killed process leaves only a dot-prefixed ``.<name>.tmp-*`` sibling, never a partial ``out``.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: output directory exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "replaced")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths, sorted)."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in exclude
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Deterministic JSON: sorted keys, fixed indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")

@@ -1,0 +1,46 @@
+"""The backend registry (listed by hand) and the spec parser for `--backend name[:opt=v,...]`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimgraph.backends.base import Backend, BuiltArtifact
+from slimgraph.backends.ort import ORT_CPU, ORT_CUDA
+from slimgraph.errors import BackendError
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ORT_CPU, ORT_CUDA)}
+
+
+def get_backend(name: str) -> Backend:
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise BackendError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    return backend
+
+
+def parse_backend_spec(spec: str) -> tuple[Backend, dict[str, Any]]:
+    """``ort-cpu:intra_op_num_threads=2`` -> (backend, {"intra_op_num_threads": 2})."""
+    name, _, rest = spec.partition(":")
+    backend = get_backend(name.strip())
+    options: dict[str, Any] = {}
+    for token in filter(None, (t.strip() for t in rest.split(","))):
+        key, eq, value = token.partition("=")
+        if not eq:
+            raise BackendError(f"backend {name!r}: option {token!r} needs key=value")
+        options[key.strip()] = _parse_value(value.strip())
+    return backend, options
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+__all__ = ["BACKENDS", "Backend", "BuiltArtifact", "get_backend", "parse_backend_spec"]

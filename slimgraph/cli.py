@@ -1,0 +1,206 @@
+"""The `slimgraph` command: parses arguments and calls the same Python API a user calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+import slimgraph
+from slimgraph.errors import SlimgraphError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from slimgraph.backends import BACKENDS
+    from slimgraph.frontend import DEFAULT_MODEL
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="slimgraph", description="Make trained models cheaper to run, verified.",
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"slimgraph {slimgraph.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model_help = "an .onnx file, package.module:callable returning a torch module, or a built-in"
+    exp = sub.add_parser("export", help="export MODEL to a verified artifact directory",
+                         formatter_class=fmt)
+    exp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    exp.add_argument("-o", "--out", default="slimgraph-out", help="artifact directory to write")
+    spec = exp.add_mutually_exclusive_group()
+    spec.add_argument("--passes", metavar="SPEC", help="e.g. fold-constants (see `slimgraph passes`)")
+    spec.add_argument("--recipe", metavar="FILE.toml", help="a TOML recipe of [[pass]] tables")
+    exp.add_argument("--backend", action="append", metavar="NAME[:opt=v,...]",
+                     help=f"repeatable; one of {', '.join(BACKENDS)} (default: ort-cpu)")
+    exp.add_argument("--calib", metavar="FILE.npz", help="calibration/verification inputs")
+    exp.add_argument("--input", action="append", default=[], metavar="NAME=DxDxD",
+                     help="input shape, repeatable")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    exp.add_argument("--allow-mismatch", action="store_true",
+                     help="keep the artifact even if verification exceeds the tolerance")
+    _add_output_flags(exp)
+
+    ins = sub.add_parser("inspect", help="ops, parameters, bytes and MACs of MODEL",
+                         formatter_class=fmt)
+    ins.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    ins.add_argument("--input", action="append", default=[], metavar="NAME=DxDxD")
+    ins.add_argument("--batch", type=int, default=1, help="batch size that MACs are counted at")
+    ins.add_argument("--json", action="store_true", help="print JSON to stdout")
+
+    for name, what in (("passes", "the registered passes and recipes"),
+                       ("backends", "the backends and whether they run here")):
+        p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
+        p.add_argument("--json", action="store_true", help="print JSON to stdout")
+    return parser
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        return {"export": _export, "inspect": _inspect, "passes": _passes,
+                "backends": _backends}[args.command](args)
+    except SlimgraphError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        return 130
+
+
+def _inputs(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    from slimgraph.frontend import parse_input_spec
+
+    return dict(parse_input_spec(s) for s in specs)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slimgraph.passes import Pipeline
+
+    passes = Pipeline.from_recipe(args.recipe) if args.recipe else (
+        Pipeline.parse(args.passes) if args.passes else None
+    )
+    console = Console(stderr=True, quiet=args.quiet or args.json)
+    with console.status("starting") as status:
+        def on_stage(name: str) -> None:
+            status.update(f"[bold]{name}[/]")
+            console.log(name)
+
+        result = slimgraph.export(
+            args.model, args.out, passes=passes, backends=args.backend or ["ort-cpu"],
+            calibration=args.calib, inputs=_inputs(args.input), force=args.force,
+            allow_mismatch=args.allow_mismatch, on_stage=on_stage,
+        )
+    if args.json:
+        print(json.dumps({"out": str(result.out), "passed": result.passed,
+                          "timings": result.timings, "manifest": result.manifest}, indent=2))
+    elif not args.quiet:
+        _print_export(Console(), result)
+    return 0 if result.passed else 1
+
+
+def _print_export(console: Console, result) -> None:
+    m = result.manifest
+    before, after = m["model"]["before"], m["model"]["after"]
+    console.print(f"[bold]{m['source']['name']}[/] → {result.out}  "
+                  f"(pipeline: {m['pipeline'] or 'none'})")
+    console.print(f"nodes {before['nodes']} → {after['nodes']}, weight bytes "
+                  f"{before['weight_bytes']:,} → {after['weight_bytes']:,}")
+    table = Table("backend", "output", "max abs err", "max rel err", "cosine", "top-1", "result")
+    for name, entry in m["backends"].items():
+        ver = entry["verification"]
+        for o in ver["outputs"]:
+            top1 = "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.4f}"
+            table.add_row(name, o["name"], f"{o['max_abs_err']:.3g}", f"{o['max_rel_err']:.3g}",
+                          f"{o['cosine']:.6f}", top1,
+                          "[green]pass[/]" if ver["passed"] else "[red]FAIL[/]")
+    console.print(table)
+    console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from slimgraph.model_stats import summarize
+
+    loaded = slimgraph.load(args.model, inputs=_inputs(args.input))
+    summary = summarize(loaded.model, batch=args.batch)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+        return 0
+    console = Console()
+    io = Table("kind", "name", "dtype", "shape", title=f"{loaded.source['name']}")
+    for kind, values in (("input", summary.inputs), ("output", summary.outputs)):
+        for v in values:
+            shape = "?" if v["shape"] is None else "x".join(map(str, v["shape"]))
+            io.add_row(kind, v["name"], str(v["dtype"]), shape)
+    console.print(io)
+    console.print(f"nodes {summary.nodes}, parameters {summary.params:,}, "
+                  f"weight bytes {summary.weight_bytes:,}, "
+                  f"MACs {summary.total_macs:,} at batch {summary.batch}")
+    ops = Table("op", "count", title="op histogram")
+    for op, n in summary.ops.items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    layers = Table("node", "op", "MACs", "share", title="MACs per layer")
+    for layer in summary.layers:
+        share = layer.macs / summary.total_macs if summary.total_macs else 0.0
+        layers.add_row(layer.node, layer.op_type, f"{layer.macs:,}", f"{share:.1%}")
+    console.print(layers)
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    import inspect
+
+    from slimgraph.passes import PASSES, RECIPES
+
+    rows = []
+    for name, cls in PASSES.items():
+        params = inspect.signature(cls.__init__).parameters
+        options = {k: (None if p.default is p.empty else p.default)
+                   for k, p in params.items() if k != "self"}
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        rows.append({"name": name, "class": cls.__name__, "options": options, "doc": doc})
+    if args.json:
+        print(json.dumps({"passes": rows, "recipes": RECIPES}, indent=2, default=str))
+        return 0
+    table = Table("pass", "options", "does", title="passes")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-",
+                      r["doc"])
+    console = Console()
+    console.print(table)
+    recipes = Table("recipe", "pipeline", title="recipes")
+    for name, spec in RECIPES.items():
+        recipes.add_row(name, spec)
+    console.print(recipes)
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from slimgraph.backends import BACKENDS
+
+    rows = [{"name": b.name, "available": b.available(), "reason": b.unavailable_reason(),
+             "description": b.description} for b in BACKENDS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table("backend", "here", "description", title="backends")
+    for r in rows:
+        here = "[green]available[/]" if r["available"] else f"[yellow]unavailable[/]: {r['reason']}"
+        table.add_row(r["name"], here, r["description"])
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

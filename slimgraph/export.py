@@ -1,0 +1,181 @@
+"""export(): load -> passes -> checker -> backends -> verification -> manifest, atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from slimgraph import model_stats
+from slimgraph.artifact import MANIFEST, file_hashes, staged_dir, write_json
+from slimgraph.backends import BuiltArtifact, parse_backend_spec
+from slimgraph.backends.ort import MODEL_FILE
+from slimgraph.errors import SlimgraphError, VerificationError
+from slimgraph.frontend import LoadedModel, load
+from slimgraph.passes import Pipeline
+from slimgraph.report_md import render_report
+from slimgraph.verify import VerificationResult, verify
+
+REPORT = "report.md"
+VERSIONED_PACKAGES = ("slimgraph", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch")
+
+StageCallback = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    verifications: list[VerificationResult]
+    timings: dict[str, float]  # seconds per stage; kept out of the (byte-stable) artifact
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verifications)
+
+
+def export(
+    model: str | Path | Any | LoadedModel = "digits-cnn",
+    out: str | Path = "out",
+    *,
+    passes: Pipeline | str | Iterable | None = None,
+    backends: Sequence[str] = ("ort-cpu",),
+    calibration: Any = None,
+    inputs: dict[str, Sequence[int]] | None = None,
+    force: bool = False,
+    allow_mismatch: bool = False,
+    on_stage: StageCallback | None = None,
+) -> ExportResult:
+    """Export MODEL to an artifact directory ``out`` and verify every backend against the float
+    reference; raises VerificationError on a mismatch unless ``allow_mismatch``."""
+    stage = on_stage or (lambda _name: None)
+    timings: dict[str, float] = {}
+    out = Path(out)
+    pipeline = Pipeline.coerce(passes)
+    built_specs = [parse_backend_spec(s) for s in backends]
+    for backend, _ in built_specs:
+        if not backend.available():
+            raise SlimgraphError(
+                f"backend {backend.name!r} is unavailable here: {backend.unavailable_reason()}"
+            )
+    if out.exists() and not force:
+        # Checked up front too, so a long export does not run only to be refused at the end.
+        with staged_dir(out, force=False):
+            pass
+
+    t = time.perf_counter()
+    stage("load")
+    loaded = model if isinstance(model, LoadedModel) else load(
+        model, inputs=inputs, calibration=calibration
+    )
+    timings["load"] = time.perf_counter() - t
+    ir_model = loaded.model
+    before = _model_facts(ir_model)
+
+    t = time.perf_counter()
+    stage("passes")
+    pipeline.bind_calibration(loaded.calibration)
+    ir_model, reports = pipeline.run(ir_model)
+    timings["passes"] = time.perf_counter() - t
+
+    stage("check")
+    proto = ir.to_proto(ir_model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(
+            f"the graph after passes [{pipeline.spec()}] fails the ONNX full check: {exc}"
+        ) from exc
+    del proto
+
+    verifications: list[VerificationResult] = []
+    backend_entries: dict[str, Any] = {}
+    with staged_dir(out, force=force) as root:
+        from slimgraph.frontend.onnx_file import save_onnx
+
+        save_onnx(ir_model, root / MODEL_FILE)
+        for backend, options in built_specs:
+            t = time.perf_counter()
+            stage(f"build {backend.name}")
+            built = backend.build(ir_model, root, options)
+            timings[f"build {backend.name}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            stage(f"verify {backend.name}")
+            result = verify(
+                backend.name, backend.load(built), loaded.reference, loaded.verification_feeds,
+                [v.name for v in ir_model.graph.outputs], pipeline.tolerance,
+                check_top1=loaded.task == "classification",
+            )
+            timings[f"verify {backend.name}"] = time.perf_counter() - t
+            verifications.append(result)
+            backend_entries[backend.name] = _backend_entry(built, result)
+            if not result.passed and not allow_mismatch:
+                raise VerificationError(
+                    f"{backend.name}: the artifact diverges from the float reference: "
+                    + "; ".join(result.failures)
+                    + " (pass --allow-mismatch to keep it anyway)"
+                )
+        stage("write")
+        manifest = {
+            "slimgraph_manifest": 1,
+            "source": loaded.source,
+            "inputs": [_value_json(v) for v in ir_model.graph.inputs],
+            "outputs": [_value_json(v) for v in ir_model.graph.outputs],
+            "pipeline": pipeline.spec(),
+            "passes": [_report_json(r) for r in reports],
+            "model": {"before": before, "after": _model_facts(ir_model)},
+            "tolerance": dataclasses.asdict(pipeline.tolerance),
+            "backends": backend_entries,
+            "versions": package_versions(),
+        }
+        hashes = file_hashes(root)
+        for entry in backend_entries.values():
+            entry["files"] = {f: hashes[f] for f in [MODEL_FILE, *entry["files"]]}
+        (root / REPORT).write_text(render_report(manifest))
+        manifest["files"] = file_hashes(root)
+        write_json(root / MANIFEST, manifest)
+    return ExportResult(out, manifest, verifications, timings)
+
+
+def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str, Any]:
+    return {"files": list(built.files), "options": built.options, "entry": built.entry,
+            "verification": result.to_json()}
+
+
+def _report_json(report) -> dict[str, Any]:
+    data = report.to_json()
+    data.pop("seconds", None)  # timings vary run to run; the manifest must not
+    return data
+
+
+def _value_json(value: ir.Value) -> dict[str, Any]:
+    shape = None if value.shape is None else [
+        d if isinstance(d, int) else (str(d) if d is not None else None) for d in value.shape
+    ]
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype else None, "shape": shape}
+
+
+def _model_facts(model: ir.Model) -> dict[str, Any]:
+    return {
+        "nodes": sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)),
+        "params": model_stats.param_count(model),
+        "weight_bytes": model_stats.weight_bytes(model),
+        "ops": model_stats.op_histogram(model),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
