@@ -28,6 +28,7 @@ def staged_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
         raise OutputExistsError(f"{out}: output directory exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary dir
     try:
         yield tmp
         if out.exists():
@@ -70,3 +71,9 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -93,8 +93,8 @@ def _export(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.quiet or args.json)
     with console.status("starting") as status:
         def on_stage(name: str) -> None:
-            status.update(f"[bold]{name}[/]")
-            console.log(name)
+            status.update(f"[bold]{name}[/] …")
+            console.print(f"[dim]•[/] {name}", highlight=False)
 
         result = slimgraph.export(
             args.model, args.out, passes=passes, backends=args.backend or ["ort-cpu"],

@@ -24,6 +24,7 @@ from slimgraph.verify import Runner
 
 DEFAULT_MODEL = "digits-cnn"
 VERIFY_SAMPLES = 256  # at most this many samples of evaluation data verify an artifact
+RANDOM_BATCHES = 4  # seeded random batches verify a model that comes without data
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 InputShapes = Mapping[str, Sequence[int]]
@@ -92,7 +93,7 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
     except Exception as exc:  # onnxruntime's own exception types
         raise ModelLoadError(f"{path}: onnxruntime cannot run the source model: {exc}") from exc
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else [
-        random_feeds(model, inputs, seed=0)
+        random_feeds(model, inputs, seed=seed) for seed in range(RANDOM_BATCHES)
     ]
     for feed in feeds:
         check_feed(model, feed, str(path))
@@ -141,10 +142,23 @@ def _load_torch(module, example, inputs: dict, calib: Calibration | None,
             raise InputSpecError(f"{label}: {len(example)} example inputs but --input names {names}")
     model = export_module(module, example, names, label=label)
     source["sha256"] = _proto_sha256(model)
-    feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else [
-        {n: t.detach().numpy() for n, t in zip(names, example, strict=True)}
-    ]
+    feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else _example_feeds(
+        names, example
+    )
     return LoadedModel(model, source, _torch_runner(module, names, torch_outputs), feeds, calib, None)
+
+
+def _example_feeds(names: list[str], example: tuple) -> list[Feeds]:
+    """The example inputs, plus seeded N(0,1) batches of the same shapes for float inputs."""
+    first = {n: t.detach().numpy() for n, t in zip(names, example, strict=True)}
+    feeds = [first]
+    for seed in range(1, RANDOM_BATCHES):
+        rng = np.random.default_rng(seed)
+        feeds.append({
+            n: rng.standard_normal(a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
+            else a for n, a in first.items()
+        })
+    return feeds
 
 
 def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedModel:
