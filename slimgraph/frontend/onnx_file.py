@@ -122,7 +122,7 @@ def _read_model_bytes(path: Path) -> bytes:
         raise ModelLoadError(f"{path}: is not a regular file. Pass an .onnx file.")
     if path.suffix.lower() in _TORCH_SUFFIXES:
         raise ModelLoadError(
-            f"{path}: a '{path.suffix}' file is a torch checkpoint, not an ONNX model. "
+            f"{path}: '{path.suffix}' files are torch checkpoints, not ONNX models. "
             f"{_CHECKPOINT_ADVICE}."
         )
     if st.st_size == 0:
@@ -149,9 +149,15 @@ def _parse(path: Path, data: bytes) -> onnx.ModelProto:
     try:
         proto = onnx.ModelProto.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
+        # Writers put ir_version (field 1, varint: tag byte 0x08) first; a file that starts
+        # like a ModelProto but does not parse was cut short or damaged.
+        if data[0] == 0x08:
+            raise ModelLoadError(
+                f"{path}: is a truncated or corrupt ONNX file ({err}). Re-export or re-copy it."
+            ) from None
         raise ModelLoadError(
-            f"{path}: is not a valid ONNX protobuf ({err}); the file is truncated, corrupt or "
-            "not an ONNX model. Re-export or re-download it."
+            f"{path}: is not an ONNX model (not a ModelProto protobuf: {err}). Pass an .onnx "
+            "file written by torch.onnx.export or onnx.save."
         ) from None
     # Protobuf parsing is lenient: arbitrary bytes can decode as a message of unknown fields.
     if proto.ir_version <= 0 or not proto.HasField("graph"):
@@ -229,7 +235,10 @@ def _check_external_data(path: Path, tensor: onnx.TensorProto) -> _ExternalSpan:
     try:
         resolved = candidate.resolve()
     except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise ModelLoadError(f"{where}: external-data location '{location}': {err}.") from None
+        raise ModelLoadError(
+            f"{where}: external-data location '{location}' cannot be resolved ({err}). "
+            "Fix the link or replace it with the file."
+        ) from None
     if not resolved.is_relative_to(folder):
         raise ModelLoadError(
             f"{where} has external-data location '{location}', which resolves through a "
