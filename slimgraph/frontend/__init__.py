@@ -25,7 +25,7 @@ from slimgraph.verify import Runner
 DEFAULT_MODEL = "digits-cnn"
 VERIFY_SAMPLES = 256  # at most this many samples of evaluation data verify an artifact
 RANDOM_BATCHES = 4  # seeded random batches verify a model that comes without data
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # routed to load_onnx, which refuses them
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -67,13 +67,8 @@ def load(
         return _load_torch(model, None, inputs, calib, {"kind": "torch", "name": type(model).__name__})
     text = str(model)
     path = Path(text)
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise ModelLoadError(
-            f"{path}: looks like a torch checkpoint; slimgraph never unpickles a file. Pass a "
-            "`package.module:callable` that builds the module and loads its weights with "
-            "torch.load(weights_only=True) or safetensors."
-        )
-    if path.suffix.lower() == ".onnx" or path.exists():
+    if path.suffix.lower() in (".onnx", *CHECKPOINT_SUFFIXES) or path.exists():
+        # load_onnx refuses checkpoints (by suffix and content) without unpickling them
         return _load_onnx_file(path, inputs, calib)
     if ":" in text:
         return _load_callable(text, inputs, calib)
@@ -83,8 +78,9 @@ def load(
 
 
 def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> LoadedModel:
+    from slimgraph.artifact import sha256_file
     from slimgraph.backends.ort import runner_for, session_for
-    from slimgraph.frontend.onnx_file import file_sha256, load_onnx
+    from slimgraph.frontend.onnx_file import load_onnx
 
     model = load_onnx(path)
     _check_input_names(model, inputs, str(path))
@@ -97,7 +93,7 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
     ]
     for feed in feeds:
         check_feed(model, feed, str(path))
-    source = {"kind": "onnx", "name": str(path), "sha256": file_sha256(path)}
+    source = {"kind": "onnx", "name": str(path), "sha256": sha256_file(path)}
     return LoadedModel(model, source, reference, feeds, calib, None)
 
 

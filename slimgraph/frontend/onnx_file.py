@@ -9,7 +9,6 @@ the full ONNX checker. Weights in external files stay on disk until used (``ir.E
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -98,15 +97,6 @@ def save_onnx(
         for value, tensor in zip(on_disk, originals, strict=True):
             value.const_value = tensor
     return [path]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_model_bytes(path: Path) -> bytes:

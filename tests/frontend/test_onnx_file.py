@@ -14,9 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from slimgraph.artifact import sha256_file as file_sha256
 from slimgraph.errors import ModelLoadError
 from slimgraph.frontend import onnx_file
-from slimgraph.frontend.onnx_file import file_sha256, load_onnx, save_onnx
+from slimgraph.frontend.onnx_file import load_onnx, save_onnx
 
 X = np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3)
 
