@@ -76,7 +76,9 @@ def export(
         model, inputs=inputs, calibration=calibration
     )
     timings["load"] = time.perf_counter() - t
-    ir_model = loaded.model
+    # Passes work in place; a clone keeps a caller's LoadedModel reusable (bench runs many variants
+    # from one load). Tensors are shared, not copied: passes replace them, never write into them.
+    ir_model = loaded.model.clone()
     before = _model_facts(ir_model)
 
     t = time.perf_counter()

@@ -135,3 +135,12 @@ def test_killed_export_leaves_no_output(tiny_cnn_path, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -9
     assert not (tmp_path / "out").exists()
+
+
+def test_a_loaded_model_is_reusable(tiny_cnn_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(PASSES, _CorruptWeightsPass.name, _CorruptWeightsPass)
+    loaded = slimgraph.load(tiny_cnn_path)
+    nodes = [n.op_type for n in loaded.model.graph]
+    slimgraph.export(loaded, tmp_path / "a", passes="test-corrupt", allow_mismatch=True)
+    assert [n.op_type for n in loaded.model.graph] == nodes
+    assert slimgraph.export(loaded, tmp_path / "b").passed
