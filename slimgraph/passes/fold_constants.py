@@ -338,8 +338,10 @@ class FoldConstantsPass(SlimgraphPass):
         modified = folder(model).modified
         batchnorms = BATCHNORM_RULES.apply_to_model(model)
         modified |= bool(batchnorms)
-        for cleanup in (common.IdentityEliminationPass(), common.RemoveUnusedNodesPass()):
-            modified |= cleanup(model).modified
+        # The folder already forwards Identity outputs to their inputs (dead Identities are then
+        # removed below); onnx_ir 1.1's IdentityEliminationPass is not used because it merges two
+        # graph outputs into one when an Identity connects them (Scan bodies, test_scan_sum).
+        modified |= common.RemoveUnusedNodesPass()(model).modified
 
         self.report.count("constants_folded", folder.folded)
         self.report.count("batchnorms_folded", batchnorms)
