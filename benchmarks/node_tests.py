@@ -86,13 +86,19 @@ def run_model(model: onnx.ModelProto, case: TestCase) -> tuple[str, str | None]:
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # any session-creation failure means "ORT does not run this"
         return UNSUPPORTED, _short(exc)
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     for inputs, expected in case.data_sets:
-        feeds = {n: _feed(_to_numpy(v)) for n, v in zip(input_names, inputs, strict=False) if v is not None}
+        feeds = {
+            n: _feed(_to_numpy(v))
+            for n, v in zip(input_names, inputs, strict=False)
+            if v is not None
+        }
         try:
             outputs = _run(session, output_names, feeds)
         except Exception as exc:
@@ -111,7 +117,8 @@ def _run(session: ort.InferenceSession, names: list[str], feeds: dict[str, Any])
             raise
     # onnxruntime 1.32 cannot hand out some float8 outputs as numpy: copy their raw bits.
     ort_feeds = {
-        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()
+        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+        for k, v in feeds.items()
     }
     values = session.run_with_ort_values(names, ort_feeds)
     return [_raw_tensor(v) if v.is_tensor() else v.numpy() for v in values]
@@ -234,7 +241,9 @@ def run_suite(cases: Sequence[TestCase]) -> list[CaseResult]:
 def summarize(results: Sequence[CaseResult], seconds: float) -> dict[str, Any]:
     """Totals for the results files."""
     before = Counter(r.before for r in results)
-    changed = [r for r in results if r.counts.get("nodes_removed") or r.counts.get("constants_folded")]
+    changed = [
+        r for r in results if r.counts.get("nodes_removed") or r.counts.get("constants_folded")
+    ]
     return {
         "cases": len(results),
         "ort_pass_before": before[PASS],
@@ -269,7 +278,10 @@ def write_results(summary: dict[str, Any], results_dir: Path = RESULTS_DIR) -> N
     rows = [
         ("node-test cases", summary["cases"]),
         ("pass in onnxruntime before the pass", summary["ort_pass_before"]),
-        ("  mismatch before (ORT differs from the expected outputs)", summary["ort_mismatch_before"]),
+        (
+            "  mismatch before (ORT differs from the expected outputs)",
+            summary["ort_mismatch_before"],
+        ),
         ("  unsupported (ORT cannot create a session)", summary["ort_unsupported"]),
         ("  run error before", summary["ort_run_error_before"]),
         ("pass after fold-constants", summary["pass_after"]),

@@ -8,7 +8,8 @@ node is left as it is and the failure is noted in the report).
 
 BatchNormalization folding. In inference mode BN computes, per channel c,
 
-    BN(y)_c = gamma_c * (y_c - mean_c) / sqrt(var_c + eps) + beta_c = s_c * y_c + (beta_c - s_c * mean_c)
+    BN(y)_c = gamma_c * (y_c - mean_c) / sqrt(var_c + eps) + beta_c
+            = s_c * y_c + (beta_c - s_c * mean_c)
 
 with ``s = gamma / sqrt(var + eps)``. When ``y = W * x + b`` is linear in x with output channel
 c owned by a slice of W (Conv: ``W[c]``; ConvTranspose: ``W[:, c]`` within its group; Gemm and
@@ -23,7 +24,7 @@ to float rounding; it is computed in float64 and stored in the weight's dtype.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -35,7 +36,9 @@ from slimgraph.passes.base import SlimgraphPass
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+_FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+)
 # onnxscript wraps any exception from a partial evaluator in a RuntimeError with this prefix.
 _EVALUATOR_ERROR = "Error during constant folding for node"
 
@@ -52,7 +55,9 @@ class _ConstantFolder(_constant_folding.FoldConstantsPass):
         self.folded = 0
         self.failures: list[str] = []
 
-    def process_node(self, node: ir.Node, is_function: bool) -> _constant_folding.Replacement | None:
+    def process_node(
+        self, node: ir.Node, is_function: bool
+    ) -> _constant_folding.Replacement | None:
         try:
             replacement = super().process_node(node, is_function)
         except RuntimeError as exc:
@@ -90,8 +95,6 @@ class _FoldBatchNorm(RewriteRuleClassBase):
     Subclasses give the pattern (binding ``x``, ``w``, ``y`` = the linear op's output, and the
     BN inputs) and say which axis of W holds the output channels.
     """
-
-    op_type: ClassVar[str]
 
     def channel_axis(self, node: ir.Node) -> int:
         raise NotImplementedError
@@ -161,7 +164,9 @@ class _FoldBatchNorm(RewriteRuleClassBase):
         new_b = ((b - mean) * s + beta).astype(weight.dtype)
         return ir.tensor(new_w), ir.tensor(new_b)
 
-    def rewrite(self, op: Any, x: ir.Value, w: ir.Value, y: ir.Value, bn_out: ir.Value, **_: Any) -> ir.Value:
+    def rewrite(
+        self, op: Any, x: ir.Value, w: ir.Value, y: ir.Value, bn_out: ir.Value, **_: Any
+    ) -> ir.Value:
         linear, bn = y.producer(), bn_out.producer()
         new_w, new_b = self.folded(linear, bn)
         w_value = op.initializer(new_w, name=_fresh_name(bn, f"{w.name}_bnfolded"))
@@ -345,9 +350,13 @@ class FoldConstantsPass(SlimgraphPass):
 
         self.report.count("constants_folded", folder.folded)
         self.report.count("batchnorms_folded", batchnorms)
-        self.report.count("identities_removed", identities_before - _count_ops(model.graph, "Identity"))
+        self.report.count(
+            "identities_removed", identities_before - _count_ops(model.graph, "Identity")
+        )
         self.report.count("nodes_removed", nodes_before - _count_ops(model.graph))
-        self.report.count("initializers_removed", initializers_before - len(model.graph.initializers))
+        self.report.count(
+            "initializers_removed", initializers_before - len(model.graph.initializers)
+        )
         if folder.failures:
             self.report.count("fold_failures", len(folder.failures))
             self.report.notes.extend(folder.failures)
