@@ -6,14 +6,17 @@ from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.fold_constants import FoldConstantsPass
 from slimgraph.passes.pipeline import Pipeline, make_pass
+from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
+    InsertQDQPass.name: InsertQDQPass,
 }
 
 RECIPES: dict[str, str] = {
     "lossless": "fold-constants",
+    "int8": "fold-constants,quantize:int8",
 }
 
 
@@ -30,6 +33,7 @@ __all__ = [
     "PASSES",
     "RECIPES",
     "FoldConstantsPass",
+    "InsertQDQPass",
     "PassReport",
     "Pipeline",
     "SlimgraphPass",
