@@ -16,6 +16,7 @@ from slimgraph.errors import SlimgraphError
 
 def _parser() -> argparse.ArgumentParser:
     from slimgraph.backends import BACKENDS
+    from slimgraph.bench import DEFAULT_PEERS
     from slimgraph.frontend import DEFAULT_MODEL
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -51,6 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--batch", type=int, default=1, help="batch size that MACs are counted at")
     ins.add_argument("--json", action="store_true", help="print JSON to stdout")
 
+    b = sub.add_parser("bench", help="compare backends and variants of MODEL side by side",
+                       formatter_class=fmt)
+    b.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    b.add_argument("-o", "--out", default="slimgraph-bench", help="results directory to write")
+    b.add_argument("--backends", default="ort-cpu", help="comma-separated backend names")
+    b.add_argument("--variants", default="fp32",
+                   help="comma-separated: fp32, a recipe name, a RECIPE.toml, or a pass spec "
+                        "joined with '+' (e.g. fold-constants+quantize:int8)")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    b.add_argument("--threads", type=int, default=2, help="threads per session")
+    b.add_argument("--warmup", type=int, default=5, help="untimed runs per row")
+    b.add_argument("--repeat", type=int, default=30, help="timed interleaved rounds")
+    b.add_argument("--workers", type=int, default=1, help="concurrent sessions for throughput")
+    b.add_argument("--eval", metavar="DATA.npz", help="held-out inputs (+ optional `labels`)")
+    b.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                   help="baselines to include (comma-separated; '' for none)")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_output_flags(b)
+
     for name, what in (("passes", "the registered passes and recipes"),
                        ("backends", "the backends and whether they run here")):
         p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
@@ -68,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     err = Console(stderr=True)
     try:
-        return {"export": _export, "inspect": _inspect, "passes": _passes,
+        return {"export": _export, "inspect": _inspect, "bench": _bench, "passes": _passes,
                 "backends": _backends}[args.command](args)
     except SlimgraphError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
@@ -126,6 +147,64 @@ def _print_export(console: Console, result) -> None:
                           "[green]pass[/]" if ver["passed"] else "[red]FAIL[/]")
     console.print(table)
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from slimgraph.bench import bench
+
+    try:
+        batches = [int(b) for b in _split(args.batch)]
+    except ValueError as exc:
+        raise SlimgraphError(f"--batch {args.batch!r}: expected integers like 1,16") from exc
+    # A variant spec uses '+' between passes, since ',' separates the variants themselves.
+    variants = [v.replace("+", ",") for v in _split(args.variants)]
+    console = Console(stderr=True, quiet=args.quiet or args.json)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("load", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total or None)
+
+        result = bench(
+            args.model, args.out, backends=_split(args.backends), variants=variants,
+            batches=batches, threads=args.threads, warmup=args.warmup, repeat=args.repeat,
+            workers=args.workers, eval_data=args.eval, peers=_split(args.peers),
+            memory=not args.no_memory, force=args.force, on_progress=on_progress,
+        )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    elif not args.quiet:
+        _print_bench(Console(), result)
+    return 0
+
+
+def _print_bench(console: Console, result) -> None:
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    table = Table("batch", "variant", "backend", "p50 ms", "vs fp32", "cosine", "task acc",
+                  "flags", title=f"{result.model} ({result.machine['cpu']}, "
+                                 f"{result.settings['threads']} threads)")
+    for r in result.rows:
+        name = f"{r.variant} (peer)" if r.peer else r.variant
+        if r.status != "ok":
+            table.add_row(str(r.batch), name, r.backend, f"[yellow]{r.status}[/]", "", "", "",
+                          r.reason or "")
+            continue
+        ratio = fmt(r.ratio_to_fp32, ".2f") + ("x" if r.ratio_to_fp32 is not None else "")
+        table.add_row(str(r.batch), name, r.backend, f"{r.latency.p50_ms:.3f}", ratio,
+                      fmt(r.cosine, ".5f"), fmt(r.task_accuracy, ".4f"),
+                      f"[red]{'; '.join(r.flags)}[/]" if r.flags else "")
+    console.print(table)
+    console.print(f"all columns (p90/p99, throughput, build time, bytes, peak memory, errors) in "
+                  f"{result.out}/results.md; plots pareto.png, size.png")
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ class ExportResult:
     manifest: dict[str, Any]
     verifications: list[VerificationResult]
     timings: dict[str, float]  # seconds per stage; kept out of the (byte-stable) artifact
+    built: dict[str, BuiltArtifact] = dataclasses.field(default_factory=dict)  # by backend name
 
     @property
     def passed(self) -> bool:
@@ -98,6 +99,7 @@ def export(
     del proto
 
     verifications: list[VerificationResult] = []
+    built_by_name: dict[str, BuiltArtifact] = {}
     backend_entries: dict[str, Any] = {}
     with staged_dir(out, force=force) as root:
         from slimgraph.frontend.onnx_file import save_onnx
@@ -117,6 +119,7 @@ def export(
             )
             timings[f"verify {backend.name}"] = time.perf_counter() - t
             verifications.append(result)
+            built_by_name[backend.name] = built
             backend_entries[backend.name] = _backend_entry(built, result)
             if not result.passed and not allow_mismatch:
                 raise VerificationError(
@@ -143,7 +146,9 @@ def export(
         (root / REPORT).write_text(render_report(manifest))
         manifest["files"] = file_hashes(root)
         write_json(root / MANIFEST, manifest)
-    return ExportResult(out, manifest, verifications, timings)
+    for built in built_by_name.values():
+        built.root = out  # the staging dir was renamed into place
+    return ExportResult(out, manifest, verifications, timings, built_by_name)
 
 
 def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class LoadedModel:
     verification_feeds: list[Feeds]
     calibration: Calibration | None
     task: str | None  # "classification" makes top-1 agreement binding
+    evaluation: Any = None  # builtin.EvalData: the whole held-out set, with labels where known
+    module: Any = None  # the torch.nn.Module, when the source is torch (bench's torch peers)
+    input_names: list[str] = dataclasses.field(default_factory=list)
 
 
 def parse_input_spec(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -94,7 +97,8 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
     for feed in feeds:
         check_feed(model, feed, str(path))
     source = {"kind": "onnx", "name": str(path), "sha256": sha256_file(path)}
-    return LoadedModel(model, source, reference, feeds, calib, None)
+    return LoadedModel(model, source, reference, feeds, calib, None, None, None,
+                       [v.name for v in model.graph.inputs])
 
 
 def _load_callable(spec: str, inputs: dict, calib: Calibration | None) -> LoadedModel:
@@ -141,7 +145,8 @@ def _load_torch(module, example, inputs: dict, calib: Calibration | None,
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else _example_feeds(
         names, example
     )
-    return LoadedModel(model, source, _torch_runner(module, names, torch_outputs), feeds, calib, None)
+    reference = _torch_runner(module, names, torch_outputs)
+    return LoadedModel(model, source, reference, feeds, calib, None, None, module, names)
 
 
 def _example_feeds(names: list[str], example: tuple) -> list[Feeds]:
@@ -175,7 +180,8 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
         calib = Calibration(builtin.calibration(64))
     source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
-    return LoadedModel(model, source, reference, feeds, calib, builtin.task)
+    return LoadedModel(model, source, reference, feeds, calib, builtin.task, evaluation,
+                       builtin.module, list(builtin.input_names))
 
 
 def _torch_runner(module, names: list[str], torch_outputs) -> Runner:

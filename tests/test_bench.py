@@ -1,0 +1,93 @@
+"""bench: every column filled, the same inputs for all rows, skips and flags."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from slimgraph.bench import FP32, Row, _ratios_and_flags, bench, variant_pipeline
+from slimgraph.bench.timing import Latency, interleaved
+from slimgraph.cli import main
+from slimgraph.errors import PipelineSpecError
+
+
+def test_bench_onnx_file_writes_all_outputs(tiny_cnn_path, tmp_path):
+    out = tmp_path / "bench"
+    result = bench(tiny_cnn_path, out, backends=["ort-cpu", "ort-cuda"],
+                   variants=["fp32", "fold-constants"], batches=[1, 4], warmup=1, repeat=3,
+                   workers=2, peers=[])
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "pareto.png",
+                                               "size.png"}
+    ok = [r for r in result.rows if r.status == "ok"]
+    assert {(r.variant, r.batch) for r in ok} == {(v, b) for v in ("fp32", "fold-constants")
+                                                  for b in (1, 4)}
+    for r in ok:
+        assert r.latency.runs == 3 and r.latency.p50_ms > 0 and r.throughput > 0
+        assert r.artifact_bytes > 0 and r.build_s is not None and r.peak_memory_mb is not None
+        assert r.cosine > 0.9999 and r.max_abs_err < 1e-4
+        assert r.workers == 2 and r.workers_throughput > 0 and r.workers_scaling > 0
+    second = next(r for r in ok if r.variant == "fold-constants" and r.batch == 4)
+    assert second.ratio_to_fp32 is not None
+    skipped = [r for r in result.rows if r.backend == "ort-cuda"]
+    if skipped and skipped[0].status == "skipped":
+        assert skipped[0].reason
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["cores"] >= 1 and "onnxruntime" in data["machine"]["versions"]
+    assert "| batch | variant | backend | p50 ms" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_builtin_with_torch_peer_and_labels(tmp_path, capsys):
+    code = main(["bench", "digits-cnn", "-o", str(tmp_path / "b"), "--repeat", "3", "--warmup",
+                 "1", "--peers", "torch-eager", "--no-memory", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    backends = {r["backend"] for r in rows}
+    assert backends == {"ort-cpu", "torch-eager"}
+    for r in rows:
+        assert r["task_accuracy"] is not None and r["task_accuracy"] > 0.9
+    peer = next(r for r in rows if r["backend"] == "torch-eager")
+    assert peer["peer"] and peer["ratio_to_fp32"] is not None
+
+
+def _row(variant: str, p50: float, cosine: float = 1.0, backend: str = "ort-cpu") -> Row:
+    return Row(variant, backend, 1, latency=Latency(p50, p50, p50, 3), cosine=cosine)
+
+
+def test_flags_int8_slower_pruned_not_faster_and_divergence():
+    rows = [_row(FP32, 1.0), _row("quantize:int8", 1.2), _row("prune", 0.99, cosine=0.5)]
+    pipelines = {FP32: variant_pipeline(FP32)}
+
+    class _P:
+        def __init__(self, name):
+            self.name = name
+
+    class _Pipe:
+        def __init__(self, name):
+            self.passes = [_P(name)]
+
+    pipelines["quantize:int8"] = _Pipe("quantize")
+    pipelines["prune"] = _Pipe("prune-channels")
+    _ratios_and_flags(rows, pipelines)
+    assert rows[0].flags == [] and rows[0].ratio_to_fp32 is None
+    assert rows[1].ratio_to_fp32 == pytest.approx(1.2)
+    assert rows[1].flags == ["int8 not faster than fp32 (1.20x)"]
+    assert rows[2].flags == ["pruned but not faster (0.99x)",
+                             "outputs diverge from fp32 (cosine 0.5000)"]
+
+
+def test_interleaved_rotates_the_order():
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    result = interleaved(calls, warmup=0, repeat=3)
+    assert order == list("abcbcacab")
+    assert all(lat.runs == 3 for lat in result.values())
+    assert np.isfinite(result["a"].p50_ms)
+
+
+def test_bad_variant_fails_before_work(tiny_cnn_path, tmp_path):
+    with pytest.raises(PipelineSpecError, match="unknown pass"):
+        bench(tiny_cnn_path, tmp_path / "b", variants=["fp32", "no-such-pass"])
+    assert not (tmp_path / "b").exists()
