@@ -6,11 +6,13 @@ from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.fold_constants import FoldConstantsPass
 from slimgraph.passes.pipeline import Pipeline, make_pass
+from slimgraph.passes.prune_channels import PruneChannelsPass
 from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
+    PruneChannelsPass.name: PruneChannelsPass,
     InsertQDQPass.name: InsertQDQPass,
 }
 
@@ -36,6 +38,7 @@ __all__ = [
     "InsertQDQPass",
     "PassReport",
     "Pipeline",
+    "PruneChannelsPass",
     "SlimgraphPass",
     "Tolerance",
     "make_pass",
