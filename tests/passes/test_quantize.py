@@ -1,0 +1,347 @@
+"""quantize: int8 static/dynamic QDQ graphs are valid, run in onnxruntime and stay close to float."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import slimgraph
+from slimgraph.calibration import Calibration
+from slimgraph.errors import PipelineSpecError
+from slimgraph.passes import Pipeline, recipe
+from slimgraph.passes.quantize import (
+    InsertQDQPass,
+    activation_qparams,
+    collect_ranges,
+    int8_target,
+    quantize_weight,
+)
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from conftest import make_tiny_cnn  # noqa: E402
+
+
+def _run(model: onnx.ModelProto | ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norms) if norms else 0.0
+
+
+def _quantize(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options) -> tuple[
+    ir.Model, InsertQDQPass, bool
+]:
+    qpass = InsertQDQPass(speed_check=False, **options)
+    qpass.calibration = Calibration(feeds)
+    model = ir.from_proto(proto)
+    result = qpass(model)
+    checked = ir.to_proto(result.model)
+    onnx.checker.check_model(checked, full_check=True)
+    return result.model, qpass, result.modified
+
+
+def _image_feeds(n: int, shape=(1, 3, 16, 16), seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def test_int8_static_tiny_cnn_is_valid_runs_and_stays_close():
+    proto = make_tiny_cnn()
+    model, qpass, modified = _quantize(proto, _image_feeds(16))
+    assert modified
+    counts = qpass.report.counts
+    assert counts["layers_quantized"] == 2 and counts["relus_folded"] == 1
+    assert counts["biases_quantized"] == 1  # the Gemm bias is computed (an Add) until folded
+    assert "Relu" not in _ops(model) and "QuantizeLinear" in _ops(model)
+    assert qpass.report.weight_bytes_after < qpass.report.weight_bytes_before
+    assert any("int8 target" in note for note in qpass.report.notes)
+    x = _image_feeds(1, (8, 3, 16, 16), seed=5)[0]
+    assert _cosine(_run(proto, x)[0], _run(model, x)[0]) > 0.99
+
+
+def test_nothing_to_quantize_reports_unmodified():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, qpass, modified = _quantize(proto, [{"x": np.ones((2, 4), np.float32)}])
+    assert not modified and qpass.report.counts == {}
+
+
+# ---- per-channel weight axes: each output channel has its own magnitude (1e-3 .. 1e3), so
+# ---- scales along the wrong axis would wipe out the small channels.
+
+
+def _channel_scaled(shape: tuple[int, ...], axis: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    mags = np.logspace(-3, 3, shape[axis]).astype(np.float32)
+    bshape = [1] * len(shape)
+    bshape[axis] = -1
+    return w * mags.reshape(bshape)
+
+
+def _single_layer(op: str, w: np.ndarray, x_shape: list[int], attrs: dict) -> onnx.ModelProto:
+    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    y_shape = [x_shape[0], w.shape[0], *x_shape[2:]] if op == "Conv" else [x_shape[0], 8]
+    graph = helper.make_graph(
+        [node], op.lower(), [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("op", "w_shape", "axis", "x_shape", "attrs"),
+    [
+        ("Conv", (8, 8, 1, 1), 0, [4, 8, 3, 3], {}),
+        ("Gemm", (8, 8), 0, [4, 8], {"transB": 1}),
+        ("Gemm", (8, 8), 1, [4, 8], {"transB": 0}),
+        ("MatMul", (8, 8), 1, [4, 8], {}),
+    ],
+)
+def test_per_channel_scales_sit_on_the_output_channel_axis(op, w_shape, axis, x_shape, attrs):
+    w = _channel_scaled(w_shape, axis)
+    proto = _single_layer(op, w, x_shape, attrs)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal(x_shape).astype(np.float32)} for _ in range(8)]
+    model, _, _ = _quantize(proto, feeds)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()
+              and n.inputs[0].const_value.dtype == ir.DataType.INT8)
+    assert dq.attributes.get_int("axis") == axis
+    q = dq.inputs[0].const_value.numpy().astype(np.float32)
+    scales = dq.inputs[1].const_value.numpy()
+    bshape = [1] * len(w_shape)
+    bshape[axis] = -1
+    restored = q * scales.reshape(bshape)
+    per_channel_err = np.abs(np.moveaxis(restored - w, axis, 0)).reshape(w_shape[axis], -1).max(1)
+    per_channel_max = np.abs(np.moveaxis(w, axis, 0)).reshape(w_shape[axis], -1).max(1)
+    assert (per_channel_err <= per_channel_max / 127 * 0.5 + 1e-12).all()
+    ref, got = _run(proto, feeds[0])[0], _run(model, feeds[0])[0]
+    # Every output channel, tiny or huge, survives: compare channel by channel.
+    out_axis = 1
+    for c in range(ref.shape[out_axis]):
+        assert _cosine(np.take(ref, c, out_axis), np.take(got, c, out_axis)) > 0.98
+
+
+def test_quantize_weight_round_trip_error_is_half_a_step():
+    w = _channel_scaled((6, 5), 0)
+    q, scales = quantize_weight(w, 0)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127
+    assert (np.abs(q * scales[:, None] - w) <= scales[:, None] / 2 + 1e-9).all()
+    q7, _ = quantize_weight(w, 0, reduce_range=True)
+    assert np.abs(q7).max() <= 63
+
+
+def test_activation_params_hold_zero_and_fold_relu_exactly():
+    relu = activation_qparams(0.0, 5.1, ir.DataType.UINT8)
+    assert relu.zero_point == 0
+    signed = activation_qparams(0.0, 5.1, ir.DataType.INT8)
+    assert signed.zero_point == -128
+    positive_only = activation_qparams(2.0, 4.0, ir.DataType.UINT8)
+    assert positive_only.zero_point == 0  # the range is widened to hold 0
+    mixed = activation_qparams(-1.0, 3.0, ir.DataType.UINT8)
+    assert abs(mixed.zero_point * mixed.scale - 1.0) < mixed.scale
+
+
+def test_int8_target_follows_the_cpu_flags():
+    assert int8_target({"avx2", "avx512f", "avx512_vnni"}).activations == ir.DataType.UINT8
+    assert not int8_target({"avx2", "avx_vnni"}).reduce_range
+    old = int8_target({"avx2", "fma"})
+    assert old.activations == ir.DataType.UINT8 and old.reduce_range
+    assert int8_target(None).activations == ir.DataType.INT8
+
+
+def test_s8_activations_on_request():
+    model, qpass, _ = _quantize(make_tiny_cnn(), _image_feeds(8), activations="s8")
+    zps = [n.inputs[2].const_value.dtype for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert zps and set(zps) == {ir.DataType.INT8}
+    assert "as asked" in qpass.report.notes[0]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_clipping_calibrators_narrow_the_range(method):
+    proto = make_tiny_cnn()
+    model = ir.from_proto(proto)
+    feeds = _image_feeds(8)
+    wide = collect_ranges(model, ["image", "c"], feeds, "minmax")
+    narrow = collect_ranges(model, ["image", "c"], feeds, method)
+    for name in ("image", "c"):
+        assert wide[name][0] <= narrow[name][0] <= narrow[name][1] <= wide[name][1]
+    quantized, _, _ = _quantize(proto, feeds, calib=method)
+    x = _image_feeds(1, (4, 3, 16, 16), seed=7)[0]
+    assert _cosine(_run(proto, x)[0], _run(quantized, x)[0]) > 0.98
+
+
+# ---- dynamic int8
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((10, 32)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, beta=0.5, name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_int8_uses_matmulinteger_and_stays_close():
+    proto = _mlp()
+    x = {"x": np.random.default_rng(3).standard_normal((8, 16)).astype(np.float32)}
+    model, qpass, modified = _quantize(proto, [], dynamic=True)
+    assert modified and qpass.report.counts["layers_quantized"] == 2
+    ops = _ops(model)
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 2
+    assert "Gemm" not in ops and "MatMul" not in ops
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert _cosine(_run(proto, x)[0], _run(model, x)[0]) > 0.99
+
+
+def test_dynamic_leaves_conv_float_and_says_why():
+    model, qpass, _ = _quantize(make_tiny_cnn(), [], dynamic=True)
+    assert "Conv" in _ops(model) and "MatMulInteger" in _ops(model)
+    assert any("ConvInteger" in note for note in qpass.report.notes)
+
+
+# ---- the accuracy guard
+
+
+def _outlier_mlp() -> onnx.ModelProto:
+    """Three MatMuls; input feature 0 is ~1000x the others and fc_a damps it back by 1e-3.
+
+    Quantizing fc_a's input per tensor rounds every other feature to 0: fc_a is the planted
+    outlier layer. fc_b and fc_c see ordinary activations.
+    """
+    rng = np.random.default_rng(0)
+    wa = rng.standard_normal((16, 16)).astype(np.float32)
+    wa[0] *= 1e-3
+    inits = [
+        numpy_helper.from_array(wa, "wa"),
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "wb"),
+        numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "wc"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["a"], name="fc_a"),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("MatMul", ["ra", "wb"], ["b"], name="fc_b"),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("MatMul", ["rb", "wc"], ["y"], name="fc_c"),
+    ]
+    graph = helper.make_graph(
+        nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _outlier_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        x[:, 0] *= 1000
+        feeds.append({"x": x})
+    return feeds
+
+
+def test_accuracy_guard_keeps_the_outlier_layer_float():
+    proto = _outlier_mlp()
+    feeds, fresh = _outlier_feeds(32, 0), _outlier_feeds(1, 99)[0]
+    unguarded, _, _ = _quantize(proto, feeds)
+    assert _cosine(_run(proto, fresh)[0], _run(unguarded, fresh)[0]) < 0.99  # the plant works
+
+    guarded, qpass, _ = _quantize(proto, feeds, tolerance=0.99)
+    assert qpass.report.counts["layers_float"] == 1
+    assert qpass.report.counts["layers_quantized"] == 2
+    assert any("kept float fc_a" in note and "holds" in note for note in qpass.report.notes)
+    assert qpass.tolerance.min_cosine == 0.99
+    fc_a = next(n for n in guarded.graph if n.name == "fc_a")
+    assert fc_a.inputs[1].name == "wa"  # float weight, float input
+    assert _cosine(_run(proto, fresh)[0], _run(guarded, fresh)[0]) >= 0.99
+
+
+def test_exclude_keeps_named_layers_float():
+    model, qpass, _ = _quantize(_outlier_mlp(), _outlier_feeds(8, 0), exclude=["fc_a", "nope"])
+    assert qpass.report.counts["layers_float"] == 1
+    assert any("nope" in note for note in qpass.report.notes)
+
+
+# ---- options and the pipeline
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("quantize:int3", "unknown mode 'int3'"),
+        ("quantize:int8,calib=kl", "unknown calib 'kl'"),
+        ("quantize:int8,tolerance=1.5", "minimum cosine in (0, 1]"),
+        ("quantize:int8,activations=u16", "unknown activations"),
+        ("quantize:int8,dynamic=maybe", "not a valid bool"),
+        ("quantize:int8,bits=3", "unknown option 'bits'"),
+    ],
+)
+def test_bad_options_name_what_is_wrong(spec, message):
+    with pytest.raises(PipelineSpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Pipeline.parse(spec)
+
+
+def test_spec_options_reach_the_pass():
+    (qpass,) = Pipeline.parse("quantize:int8,calib=entropy,tolerance=0.995,exclude=a+b").passes
+    assert qpass.calib == "entropy" and qpass.exclude == ["a", "b"]
+    assert qpass.options()["tolerance"] == 0.995 and qpass.tolerance.min_cosine == 0.99
+    assert Pipeline.parse("quantize:int8,dynamic=true").passes[0].needs_calibration is False
+
+
+def test_speed_guard_reports_a_verdict():
+    qpass = InsertQDQPass()
+    qpass.calibration = Calibration(_image_feeds(4))
+    qpass(ir.from_proto(make_tiny_cnn()))
+    assert any("speed guard" in note for note in qpass.report.notes)
+
+
+def test_export_int8_passes_verification(tiny_cnn_path: Path, tmp_path: Path):
+    feeds = _image_feeds(16, (2, 3, 16, 16))
+    result = slimgraph.export(tiny_cnn_path, tmp_path / "out", passes="fold-constants,quantize:int8",
+                              calibration=feeds)
+    assert result.passed
+    (report,) = [p for p in result.manifest["passes"] if p["name"] == "quantize"]
+    assert report["counts"]["layers_quantized"] == 2
+    assert result.manifest["tolerance"]["min_cosine"] == 0.99
+
+
+@pytest.mark.slow
+def test_export_torch_module_int8(torch_models_module: str, tmp_path: Path):
+    feeds = _image_feeds(16, (2, 3, 16, 16))
+    result = slimgraph.export(f"{torch_models_module}:build_with_inputs", tmp_path / "out",
+                              passes=recipe("int8"),
+                              calibration=feeds, inputs={"image": (2, 3, 16, 16)})
+    assert result.passed
