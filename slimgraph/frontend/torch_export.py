@@ -144,7 +144,8 @@ def check_matches_module(model: ir.Model, module, example_inputs: Sequence, labe
 def _quiet_exporter():
     """The dynamo exporter prints progress and registration warnings; keep the CLI output clean."""
     sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export")]
+    loggers = [logging.getLogger(n)
+               for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
