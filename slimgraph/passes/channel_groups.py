@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 FIXED = -1  # element id of a channel that belongs to no prunable producer
 
@@ -195,6 +196,7 @@ class ChannelGroups:
     """The channel dependency analysis of one graph (see the module docstring)."""
 
     def __init__(self, model: ir.Model) -> None:
+        ShapeInferencePass()(model)  # shapes only; the walk needs ranks and static dims
         self.graph = model.graph
         self.maps: dict[ir.Value, ChannelMap] = {}
         self.sites: list[SliceSite] = []
@@ -360,21 +362,18 @@ class ChannelGroups:
                 return False
             out_axis, in_axis, channels = 1, 0, weight.shape[1]
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None and op == "Gemm":
-            c = constant_array(bias)
-            if c is None:
-                return False
-            bias_axis = c.ndim - 1 if c.ndim and c.shape[-1] == channels else None
-        elif bias is not None:
-            if constant_array(bias) is None:
-                return False
-            bias_axis = 0
-        else:
-            bias_axis = None
+        c = None if bias is None else constant_array(bias)
+        bias_axis = None
+        if c is not None:
+            bias_axis = c.ndim - 1 if op != "Gemm" or (c.ndim and c.shape[-1] == channels) else None
         name = layer_name(node)
-        elems = self._new_elems(channels)
-        self.producers.append(Producer(node, name, w, elems))
-        self._producer_of[node.outputs[0]] = self.producers[-1]
+        if bias is not None and c is None:
+            # A computed bias cannot be sliced: the outputs stay, the inputs may still go.
+            elems = np.full(channels, FIXED, dtype=np.int64)
+        else:
+            elems = self._new_elems(channels)
+            self.producers.append(Producer(node, name, w, elems))
+            self._producer_of[node.outputs[0]] = self.producers[-1]
         self.sites.append(SliceSite(node, 1, out_axis, elems, "out"))
         if bias_axis is not None:
             self.sites.append(SliceSite(node, 2, bias_axis, elems, "out"))
@@ -392,8 +391,9 @@ class ChannelGroups:
                 self.sinks.append(Sink(site, x))
         elif op == "Conv" and group > 1:
             self._block(elems, f"grouped {name} reads unprunable channels")
-        out_axis_value = 1 if op in ("Conv", "ConvTranspose", "Gemm") else _rank(x) - 1
-        self._set(node.outputs[0], out_axis_value, elems)
+        if elems[0] != FIXED:
+            out_axis_value = 1 if op in ("Conv", "ConvTranspose", "Gemm") else _rank(x) - 1
+            self._set(node.outputs[0], out_axis_value, elems)
         return True
 
     def _grouped_conv(self, node: ir.Node, xmap: ChannelMap, elems: np.ndarray, group: int) -> None:

@@ -109,9 +109,10 @@ class PruneChannelsPass(SlimgraphPass):
                 if v != defaults[k]}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ShapeInferencePass()(model)
         stats_before = _stats(model)
         groups = ChannelGroups(model)
+        # Named layers are never pruned; the default (first conv) is only kept from importance
+        # pruning, since removing its dead channels is exact.
         for producer in self._protected(groups):
             groups.block_producer(producer, f"protected layer {producer.name!r}")
         plan = _Plan(groups)
@@ -122,6 +123,10 @@ class PruneChannelsPass(SlimgraphPass):
             removed, folds = plan.dead_units(groups.constant_channels(dead_relu))
             self.report.count("dead_channels", plan.element_count(removed))
         if self.ratio is not None or self.macs is not None:
+            if self.protect is None:
+                for producer in [p for p in groups.producers if p.node.op_type == "Conv"][:1]:
+                    groups.block_producer(producer, f"first conv {producer.name!r} (protect=)")
+                plan.blocked = groups.blocked_units()
             pruned = self._importance_units(model, groups, plan, removed)
             self.report.count("pruned_channels", plan.element_count(pruned))
             removed |= pruned
@@ -143,10 +148,8 @@ class PruneChannelsPass(SlimgraphPass):
 
     def _protected(self, groups: ChannelGroups) -> list[Producer]:
         producers = groups.producers
-        if self.protect is None:
-            convs = [p for p in producers if p.node.op_type == "Conv"]
-            # The classifier feeds a graph output and is never pruned anyway.
-            return convs[:1]
+        if self.protect is None:  # the classifier feeds a graph output: never pruned anyway
+            return []
         chosen = []
         for name in self.protect:
             hits = [p for p in producers if name in _layer_aliases(p)]
