@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--input", action="append", default=[], metavar="NAME=DxDxD")
     ins.add_argument("--batch", type=int, default=1, help="batch size that MACs are counted at")
     ins.add_argument("--json", action="store_true", help="print JSON to stdout")
+    ins.add_argument("--groups", action="store_true",
+                     help="also show the channel groups that prune-channels removes together")
 
     b = sub.add_parser("bench", help="compare backends and variants of MODEL side by side",
                        formatter_class=fmt)
@@ -212,8 +214,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
     loaded = slimgraph.load(args.model, inputs=_inputs(args.input))
     summary = summarize(loaded.model, batch=args.batch)
+    groups = None
+    if args.groups:
+        from slimgraph.passes.channel_groups import channel_groups, groups_json
+
+        groups = groups_json(channel_groups(loaded.model))
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
+        print(json.dumps({**summary.to_json(), **({"groups": groups} if args.groups else {})},
+                         indent=2))
         return 0
     console = Console()
     io = Table("kind", "name", "dtype", "shape", title=f"{loaded.source['name']}")
@@ -234,6 +242,13 @@ def _inspect(args: argparse.Namespace) -> int:
         share = layer.macs / summary.total_macs if summary.total_macs else 0.0
         layers.add_row(layer.node, layer.op_type, f"{layer.macs:,}", f"{share:.1%}")
     console.print(layers)
+    if groups is not None:
+        table = Table("group", "layers (coupled output channels)", "channels", "prunable",
+                      "blocked by", title="channel groups (prune-channels)")
+        for i, g in enumerate(groups):
+            table.add_row(str(i), ", ".join(g["layers"]), str(g["channels"]), str(g["prunable"]),
+                          "; ".join(g["blocked_by"]) or "-")
+        console.print(table)
     return 0
 
 

@@ -856,3 +856,15 @@ class ChannelGroups:
                 x_zero = np.all((x == 0).reshape(group, -1), axis=1)
                 out = np.where(np.repeat(x_zero, n // group), bias, out)
         return out
+
+
+def channel_groups(model: ir.Model) -> list[ChannelGroup]:
+    """The channel dependency groups of ``model`` (what `slimgraph inspect --groups` shows)."""
+    return ChannelGroups(model).groups()
+
+
+def groups_json(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
+    """Groups as plain data: layers, channel count, prunable channels and why others are not."""
+    return [{"layers": [f"{p.name} [{p.weight.name}]" for p in g.producers],
+             "channels": len(g.units),
+             "prunable": len(g.units) - len(g.blocked), "blocked_by": g.reasons} for g in groups]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -11,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
 from slimgraph.calibration import Calibration
+from slimgraph.cli import main
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes import Pipeline, PruneChannelsPass
 from slimgraph.passes.channel_groups import ChannelGroups
@@ -459,3 +462,9 @@ def test_resnet_tiny_dead_and_ratio(tmp_path):
                               passes="prune-channels:ratio=0.5,protect=fc")
     counts = result.manifest["passes"][0]["counts"]
     assert result.passed and counts["macs_after"] < 0.3 * counts["macs_before"]
+
+
+def test_inspect_groups(tiny_cnn_path, capsys):
+    assert main(["inspect", str(tiny_cnn_path), "--groups", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert groups == [{"layers": ["conv [conv_w]"], "channels": 8, "prunable": 8, "blocked_by": []}]
