@@ -191,27 +191,35 @@ def _percentile_range(hist: _Histogram, percentile: float) -> tuple[float, float
     return float(low), float(high)
 
 
-def _entropy_range(hist: _Histogram, _: float, levels: int = 128, step: int = 8) -> tuple[float, float]:
-    """Clip |x| at the threshold whose 128-level quantization keeps KL(P || Q) smallest."""
+def _entropy_range(hist: _Histogram, _: float, step: int = 8) -> tuple[float, float]:
+    """Clip |x| at the threshold whose quantization keeps KL(P || Q) smallest (TensorRT's method).
+
+    P is the histogram up to the threshold with the tail folded into its last bin; Q merges P's
+    unclipped bins into as many levels as the int8 side has (256 for a one-sided range, else 128)
+    and spreads each level evenly over the bins where P is non-zero.
+    """
     edges = np.linspace(hist.low, hist.high, _HISTOGRAM_BINS + 1)
     centers = np.abs((edges[:-1] + edges[1:]) / 2)
     amax = max(abs(hist.low), abs(hist.high))
     folded = np.histogram(centers, _HISTOGRAM_BINS, (0, amax), weights=hist.counts)[0]
+    levels = 256 if hist.low >= 0 or hist.high <= 0 else 128
+    if levels == 256:
+        # A Relu output's spike at 0 is exact at any threshold (0 is the zero point) but would
+        # dominate the divergence and pull the threshold far in.
+        folded[0] = 0
     best, best_kl = _HISTOGRAM_BINS, np.inf
     for i in range(levels, _HISTOGRAM_BINS + 1, step):
-        p = folded[:i].astype(np.float64).copy()
+        sliced = folded[:i]
+        p = sliced.copy()
         p[-1] += folded[i:].sum()
-        chunks = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for chunk in chunks:
-            nonzero = folded[chunk] > 0
-            if nonzero.any():
-                q[chunk[nonzero]] = folded[chunk].sum() / nonzero.sum()
-        mask = p > 0
-        q_sum, p_sum = q.sum(), p.sum()
-        if not q_sum or (q[mask] == 0).any():
+        starts = (np.arange(levels) * i) // levels
+        nonzero = p > 0
+        per_level = np.add.reduceat(sliced, starts) / np.maximum(np.add.reduceat(nonzero, starts), 1)
+        q = np.repeat(per_level, np.diff(np.append(starts, i))) * nonzero
+        if not q.sum() or (q[nonzero] == 0).any():
             continue
-        kl = float(np.sum(p[mask] / p_sum * np.log((p[mask] / p_sum) / (q[mask] / q_sum))))
+        pn, qn = p[nonzero] / p.sum(), q[nonzero] / q.sum()
+        kl = float(np.sum(pn * np.log(pn / qn)))
         if kl < best_kl:
             best, best_kl = i, kl
     threshold = best / _HISTOGRAM_BINS * amax
@@ -467,7 +475,7 @@ def _apply_static(
                 graph.insert_after(producer, [q, dq])
         counts.qdq_pairs += 1
 
-    weights: dict[tuple[ir.Value, int], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]] = {}
+    weights: dict[tuple[ir.Value, int], tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
     for node in placement.layers:
         axis = weight_axis(node)
         w = node.inputs[1]
@@ -475,10 +483,14 @@ def _apply_static(
             q, scales = quantize_weight(w.const_value.numpy(), axis, target.reduce_range)
             wq = _initializer(graph, namer, f"{w.name}_quantized", q)
             ws = _initializer(graph, namer, f"{w.name}_scale", scales)
-            wz = _initializer(graph, namer, f"{w.name}_zero_point", np.zeros(len(scales), np.int8))
+            # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
+            # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
+            wz = None if node.op_type == "Conv" else _initializer(
+                graph, namer, f"{w.name}_zero_point", np.zeros(len(scales), np.int8)
+            )
             weights[(w, axis)] = (wq, ws, wz, scales)
         wq, ws, wz, scales = weights[(w, axis)]
-        dq = ir.node("DequantizeLinear", [wq, ws, wz], {"axis": axis},
+        dq = ir.node("DequantizeLinear", [wq, ws] + ([wz] if wz is not None else []), {"axis": axis},
                      name=namer(f"{w.name}_DequantizeLinear"))
         dq.outputs[0].name = namer(f"{w.name}_dequantized")
         dq.outputs[0].dtype, dq.outputs[0].shape = _FLOAT, w.shape
@@ -522,8 +534,7 @@ def _quantize_bias(
         return 0
     bq = _initializer(graph, namer, f"{b.name}_quantized", q.astype(np.int32))
     bs = _initializer(graph, namer, f"{b.name}_scale", scales)
-    bz = _initializer(graph, namer, f"{b.name}_zero_point", np.zeros(len(scales), np.int32))
-    dq = ir.node("DequantizeLinear", [bq, bs, bz], {"axis": 0},
+    dq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0},
                  name=namer(f"{b.name}_DequantizeLinear"))
     dq.outputs[0].name = namer(f"{b.name}_dequantized")
     dq.outputs[0].dtype, dq.outputs[0].shape = _FLOAT, b.shape
@@ -640,7 +651,7 @@ class InsertQDQPass(SlimgraphPass):
         mode: str = "int8",
         *,
         dynamic: bool = False,
-        calib: str = "minmax",
+        calib: str = "percentile",
         percentile: float = 99.999,
         activations: str = "auto",
         reduce_range: bool | None = None,
