@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from slimgraph.errors import PipelineSpecError
+from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.model_stats import layer_macs, param_count, weight_bytes
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.channel_groups import (
@@ -37,12 +37,15 @@ from slimgraph.passes.channel_groups import (
     Producer,
     Sink,
     constant_array,
+    layer_name,
 )
 from slimgraph.passes.report import Tolerance
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCES = ("l1", "l2", "bn")
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                      "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 SCOPES = ("layer", "global")
 # Importance pruning before recovery training promises outputs of the right shape that still
 # point the same way as the reference, not accuracy; its cost is measured in benchmarks/.
@@ -109,6 +112,13 @@ class PruneChannelsPass(SlimgraphPass):
                 if v != defaults[k]}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        qdq = next((n for n in model.graph if n.op_type in _QDQ_OPS), None)
+        if qdq is not None:
+            raise UnsupportedOpError(
+                f"prune-channels: the graph is already quantized ({qdq.op_type} node "
+                f"{layer_name(qdq)!r}); prune before quantizing, e.g. "
+                "'prune-channels:ratio=0.5,quantize:int8'"
+            )
         stats_before = _stats(model)
         groups = ChannelGroups(model)
         # Named layers are never pruned; the default (first conv) is only kept from importance

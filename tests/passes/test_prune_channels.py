@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import slimgraph
 from slimgraph.calibration import Calibration
 from slimgraph.cli import main
-from slimgraph.errors import PipelineSpecError
+from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.passes import Pipeline, PruneChannelsPass
 from slimgraph.passes.channel_groups import ChannelGroups
 
@@ -436,6 +436,16 @@ def test_spec_round_trip_and_lossy_tolerance():
     assert Pipeline.parse("prune-channels").tolerance == PruneChannelsPass.tolerance
 
 
+def test_quantized_graph_is_refused():
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sc", "zp"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["dq"], name="dq"),
+             _conv("conv", "dq", "c"), *_head("c", 8)[0]]
+    model = _model(nodes, {"sc": np.float32(0.1), "zp": np.int8(0), "conv_w": _w(8, 3, 3, 3),
+                           "conv_b": _w(8), **_head("c", 8)[1]})
+    with pytest.raises(UnsupportedOpError, match="prune before quantizing"):
+        PruneChannelsPass(ratio=0.5)(model)
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 def test_export_with_planted_dead_channels(tmp_path, tiny_cnn_path):
@@ -468,3 +478,30 @@ def test_inspect_groups(tiny_cnn_path, capsys):
     assert main(["inspect", str(tiny_cnn_path), "--groups", "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)["groups"]
     assert groups == [{"layers": ["conv [conv_w]"], "channels": 8, "prunable": 8, "blocked_by": []}]
+
+
+@pytest.mark.slow
+def test_planted_dead_channels_in_resnet_tiny(tmp_path):
+    """A zeroed conv slice, a zero BN scale and a Relu that never fires: all found, exact."""
+    import torch
+
+    from slimgraph.frontend.builtin import get_builtin
+
+    builtin = get_builtin("resnet-tiny")
+    module = builtin.module
+    with torch.no_grad():
+        block0, block2, block4 = module.blocks[0], module.blocks[2], module.blocks[4]
+        block0.bn1.weight[3] = 0.0  # zero BN scale; beta < 0 so the Relu outputs 0
+        block0.bn1.bias[3] = -0.5
+        block2.conv1.weight[5] = 0.0  # zeroed slice; BN maps 0 to a negative constant
+        block2.bn1.running_mean[5], block2.bn1.bias[5] = 0.0, -0.5
+        block4.bn1.bias[7] = -100.0  # never positive on any image
+    result = slimgraph.export(module, tmp_path / "out", passes="prune-channels:active=true",
+                              inputs={"image": (2, 3, 32, 32)},
+                              calibration=builtin.calibration(16))
+    assert result.passed
+    report = result.manifest["passes"][0]
+    assert report["counts"]["dead_channels"] == 3
+    for verification in result.verifications:
+        for output in verification.outputs:
+            assert output.max_rel_err <= 1e-5
