@@ -46,10 +46,16 @@ from slimgraph.passes.report import Tolerance
 
 logger = logging.getLogger(__name__)
 
-MODES = ("int8",)
+MODES = ("int8", "int4", "binary")
+BLOCK_SIZES = (32, 64, 128)
 CALIBRATORS = ("minmax", "percentile", "entropy")
 ACTIVATION_TYPES = ("auto", "u8", "s8")
 INT8_TOLERANCE = Tolerance(max_rel_err=0.25, min_cosine=0.99, min_top1=0.97)
+INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
+# Binary weights without retraining keep little of a model's function: verification records the
+# metrics but nothing is enforced (recovery by fine-tuning is a separate step).
+BINARY_TOLERANCE = Tolerance(max_rel_err=1e9, min_cosine=-1.0, min_top1=0.0)
+BINARY_WEIGHT_TAG = "slimgraph.binary_weight"
 
 _LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _JOIN_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -630,6 +636,148 @@ def _gemm_bias(
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight-only modes: int4 blocks and binary signs.
+
+
+def quantize_int4_blocks(weight: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 along ``axis`` in blocks of ``block``: (int4 values, float32 block scales).
+
+    The scales have the weight's shape with ``ceil(dim / block)`` along ``axis``, the layout of a
+    blocked DequantizeLinear (opset 21).
+    """
+    import ml_dtypes
+
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
+    dim = moved.shape[0]
+    blocks = -(-dim // block)
+    padded = np.zeros((blocks * block, *moved.shape[1:]))
+    padded[:dim] = moved
+    amax = np.abs(padded.reshape(blocks, block, *moved.shape[1:])).max(axis=1)
+    scales = np.where(amax > 0, amax / 7, 1.0)
+    q = np.clip(np.round(moved / np.repeat(scales, block, axis=0)[:dim]), -8, 7)
+    return (np.moveaxis(q, 0, axis).astype(ml_dtypes.int4),
+            np.moveaxis(scales, 0, axis).astype(np.float32))
+
+
+def pack_signs(weight: np.ndarray) -> np.ndarray:
+    """One bit per weight, 1 where w >= 0, packed big-endian into uint8 (np.packbits order)."""
+    return np.packbits((weight.ravel() >= 0).astype(np.uint8))
+
+
+def unpack_signs(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The +1/-1 float32 array ``pack_signs`` stored."""
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed)[:n].astype(np.float32)
+    return (bits * 2 - 1).reshape(shape)
+
+
+def binary_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """XNOR-Net binary weights: (packed signs, alpha = mean |W| per output channel along ``axis``)."""
+    moved = np.moveaxis(np.abs(weight.astype(np.float64)), axis, 0)
+    alpha = moved.reshape(moved.shape[0], -1).mean(axis=1).astype(np.float32)
+    return pack_signs(weight), alpha
+
+
+def _binary_decode(
+    graph: ir.Graph, namer: _Namer, node: ir.Node, w: ir.Value, axis: int
+) -> list[ir.Node]:
+    """Nodes that rebuild ``sign(W) * alpha`` from packed bits with standard ops.
+
+    ``Unsqueeze(bits, [1]) >> [7..0] mod 2 -> Reshape(-1) -> Slice(0, n) -> Cast -> *2 - 1 ->
+    Reshape(W.shape) * alpha``; every input is an initializer, so runtimes fold it at load. The
+    last Mul carries the metadata ``slimgraph.binary_weight`` = ``axis=A`` for backends.
+    """
+    weight = w.const_value.numpy()
+    packed, alpha = binary_weight(weight, axis)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    const = {
+        "bits": packed,
+        "shifts": np.arange(7, -1, -1, dtype=np.uint8),
+        "two_u8": np.array(2, np.uint8),
+        "axes": np.array([1], np.int64),
+        "flat": np.array([-1], np.int64),
+        "start": np.array([0], np.int64),
+        "stop": np.array([weight.size], np.int64),
+        "two": np.array(2, np.float32),
+        "one": np.array(1, np.float32),
+        "shape": np.array(weight.shape, np.int64),
+        "alpha": alpha.reshape(shape),
+    }
+    v = {k: _initializer(graph, namer, f"{w.name}_binary_{k}", a) for k, a in const.items()}
+    steps = [
+        ("Unsqueeze", [v["bits"], v["axes"]], {}, ir.DataType.UINT8),
+        ("BitShift", [None, v["shifts"]], {"direction": "RIGHT"}, ir.DataType.UINT8),
+        ("Mod", [None, v["two_u8"]], {}, ir.DataType.UINT8),
+        ("Reshape", [None, v["flat"]], {}, ir.DataType.UINT8),
+        ("Slice", [None, v["start"], v["stop"]], {}, ir.DataType.UINT8),
+        ("Cast", [None], {"to": _FLOAT}, _FLOAT),
+        ("Mul", [None, v["two"]], {}, _FLOAT),
+        ("Sub", [None, v["one"]], {}, _FLOAT),
+        ("Reshape", [None, v["shape"]], {}, _FLOAT),
+        ("Mul", [None, v["alpha"]], {}, _FLOAT),
+    ]
+    nodes: list[ir.Node] = []
+    for op, inputs, attrs, dtype in steps:
+        if nodes:
+            inputs = [nodes[-1].outputs[0], *inputs[1:]]
+        n = ir.node(op, inputs, attrs, name=namer(f"{w.name}_binary_{op}"))
+        n.outputs[0].name, n.outputs[0].dtype = namer(f"{w.name}_binary_{op.lower()}"), dtype
+        nodes.append(n)
+    nodes[-1].outputs[0].shape = w.shape
+    nodes[-1].metadata_props[BINARY_WEIGHT_TAG] = f"axis={axis}"
+    return nodes
+
+
+def _weight_only_axis(node: ir.Node, mode: str) -> int | None:
+    """int4: the axis holding K (blocks run along the reduction); binary: the output channels."""
+    if mode == "binary":
+        return weight_axis(node)
+    if node.op_type == "Conv":
+        return None
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return 1
+    return 0
+
+
+def _apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[str]) -> _Counts:
+    """Replace each layer's float weight by a decode from int4 blocks or packed sign bits."""
+    graph = model.graph
+    ids = _layer_ids(graph)
+    namer = _Namer(graph)
+    counts = _Counts()
+    decoded: dict[tuple[ir.Value, int], ir.Value] = {}
+    for node in list(graph):
+        if (
+            node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx")
+            or ids[node] in keep_float or _constant_weight(node) is None
+        ):
+            continue
+        axis = _weight_only_axis(node, mode)
+        if axis is None:
+            continue
+        w = node.inputs[1]
+        if (w, axis) not in decoded:
+            if mode == "binary":
+                new_nodes = _binary_decode(graph, namer, node, w, axis)
+            else:
+                q, scales = quantize_int4_blocks(w.const_value.numpy(), axis, block)
+                wq = _initializer(graph, namer, f"{w.name}_int4", q)
+                ws = _initializer(graph, namer, f"{w.name}_scale", scales)
+                dq = ir.node("DequantizeLinear", [wq, ws], {"axis": axis, "block_size": block},
+                             name=namer(f"{w.name}_DequantizeLinear"))
+                dq.outputs[0].name = namer(f"{w.name}_dequantized")
+                dq.outputs[0].dtype, dq.outputs[0].shape = _FLOAT, w.shape
+                new_nodes = [dq]
+            graph.insert_before(node, new_nodes)
+            decoded[(w, axis)] = new_nodes[-1].outputs[0]
+        node.replace_input_with(1, decoded[(w, axis)])
+        counts.layers += 1
+    common.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
 # The pass.
 
 
@@ -658,6 +806,7 @@ class InsertQDQPass(SlimgraphPass):
         tolerance: float | None = None,
         exclude: list[str] | None = None,
         speed_check: bool = True,
+        block: int = 32,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -683,8 +832,20 @@ class InsertQDQPass(SlimgraphPass):
         )
         self.guard_cosine = tolerance
         self.exclude = list(exclude or [])
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
+        if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None):
+            raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations and reduce_range "
+                             "apply to int8")
+        self.block = block
         self.speed_check = speed_check
-        self.needs_calibration = not dynamic or tolerance is not None
+        self.needs_calibration = (mode == "int8" and not dynamic) or tolerance is not None
+        if mode == "int4":
+            self.tolerance = INT4_TOLERANCE if tolerance is None else dataclasses.replace(
+                INT4_TOLERANCE, min_cosine=tolerance)
+        elif mode == "binary":
+            self.tolerance = BINARY_TOLERANCE if tolerance is None else dataclasses.replace(
+                BINARY_TOLERANCE, min_cosine=tolerance)
         super().__init__()
 
     def options(self) -> dict:
@@ -705,26 +866,37 @@ class InsertQDQPass(SlimgraphPass):
         return Int8Target(activations, reduce_range, reason)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not quantizable_layers(model, _dtypes(model)):
+            self.report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with a constant weight")
+            return ir.passes.PassResult(model, False)
+        if self.mode == "int4" and model.opset_imports.get("", 1) < 21:
+            from onnxscript.version_converter import convert_version
+
+            # Blocked DequantizeLinear with INT4 weights exists from opset 21 on.
+            self.report.notes.append(f"opset {model.opset_imports.get('', 1)} -> 21 for int4 weights")
+            convert_version(model, 21)
         dtypes = _dtypes(model)
-        target = self.target()
-        self.report.notes.append(f"int8 target: {target.describe()}")
         layers = quantizable_layers(model, dtypes)
+        target = self.target()
+        if self.mode == "int8":
+            self.report.notes.append(f"int8 target: {target.describe()}")
         unknown = sorted(set(self.exclude) - set(layers))
         if unknown:
             self.report.notes.append(f"exclude: no quantizable layer named {', '.join(unknown)}")
-        if not layers:
-            self.report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with a constant weight")
-            return ir.passes.PassResult(model, False)
-        float_model = model.clone() if (self.speed_check or self.guard_cosine is not None) else None
+        timed = self.speed_check and self.mode == "int8"
+        float_model = model.clone() if (timed or self.guard_cosine is not None) else None
         feeds = list(self.calibration) if self.calibration is not None else []
         calib_feeds, held_out = _split(feeds)
 
         ranges: dict[str, tuple[float, float]] = {}
-        if not self.dynamic:
+        static = self.mode == "int8" and not self.dynamic
+        if static:
             wanted = _range_candidates(model, dtypes, set(self.exclude))
             ranges = collect_ranges(model, wanted, calib_feeds, self.calib, self.percentile)
 
         def build(keep_float: set[str], into: ir.Model) -> _Counts:
+            if self.mode != "int8":
+                return _apply_weight_only(into, self.mode, self.block, keep_float)
             if self.dynamic:
                 return _apply_dynamic(into, dtypes, target, keep_float)
             return _apply_static(into, dtypes, ranges, target, keep_float)
@@ -735,19 +907,21 @@ class InsertQDQPass(SlimgraphPass):
         counts = build(keep_float, model)
         self.report.count("layers_quantized", counts.layers)
         self.report.count("layers_float", len([x for x in layers if x in keep_float]))
-        if not self.dynamic:
+        if static:
             self.report.count("joins_quantized", counts.joins)
             self.report.count("relus_folded", counts.relus_folded)
             self.report.count("qdq_pairs", counts.qdq_pairs)
             self.report.count("biases_quantized", counts.biases)
-        if self.dynamic:
-            convs = sum(1 for n in model.graph if n.op_type == "Conv")
-            if convs:
-                self.report.notes.append(
-                    f"dynamic: {convs} Conv node(s) stay float (onnxruntime has no u8s8 ConvInteger "
-                    "kernel on CPU); use static int8 for CNNs"
-                )
-        if self.speed_check and float_model is not None and counts.layers:
+        untouched = {"dynamic": "Conv", "int4": "Conv"}.get("dynamic" if self.dynamic else self.mode)
+        convs = sum(1 for n in model.graph if n.op_type == "Conv") if untouched else 0
+        if convs and self.dynamic:
+            self.report.notes.append(
+                f"dynamic: {convs} Conv node(s) stay float (onnxruntime has no u8s8 ConvInteger "
+                "kernel on CPU); use static int8 for CNNs"
+            )
+        elif convs:
+            self.report.notes.append(f"int4: {convs} Conv node(s) stay float (int4 is for MatMul/Gemm)")
+        if timed and float_model is not None and counts.layers:
             self._speed_guard(float_model, model, held_out or feeds)
         logger.info("quantize: %s", self.report.counts)
         return ir.passes.PassResult(model, counts.layers > 0)

@@ -21,7 +21,10 @@ from slimgraph.passes.quantize import (
     activation_qparams,
     collect_ranges,
     int8_target,
+    pack_signs,
+    quantize_int4_blocks,
     quantize_weight,
+    unpack_signs,
 )
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -345,3 +348,58 @@ def test_export_torch_module_int8(torch_models_module: str, tmp_path: Path):
                               passes=recipe("int8"),
                               calibration=feeds, inputs={"image": (2, 3, 16, 16)})
     assert result.passed
+
+
+# ---- weight-only modes
+
+
+def test_pack_signs_round_trips_exactly():
+    rng = np.random.default_rng(0)
+    for shape in [(3, 5, 2, 2), (13,), (8, 8)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        w.flat[0] = 0.0  # zero counts as +1
+        packed = pack_signs(w)
+        assert packed.dtype == np.uint8 and packed.size == -(-w.size // 8)
+        np.testing.assert_array_equal(unpack_signs(packed, shape), np.where(w >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("transB", [0, 1])
+def test_binary_decode_in_onnx_is_sign_times_channel_mean(transB):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((12, 12)).astype(np.float32) * np.logspace(-1, 1, 12, dtype=np.float32)
+    proto = _single_layer("Gemm", w, [12, 12], {"transB": transB})
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 12
+    model, qpass, modified = _quantize(proto, [], mode="binary")
+    # 144 weights: 18 bytes of bits, the rest is alpha and the decode constants.
+    assert modified and qpass.report.weight_bytes_after < qpass.report.weight_bytes_before / 4
+    tagged = [n for n in model.graph if "slimgraph.binary_weight" in n.metadata_props]
+    axis = 0 if transB else 1
+    assert [n.metadata_props["slimgraph.binary_weight"] for n in tagged] == [f"axis={axis}"]
+    decoded = _run(model, {"x": np.eye(12, dtype=np.float32)})[0]  # I @ op(W) = op(W)
+    alpha = np.abs(w.astype(np.float64)).mean(axis=1 - axis, keepdims=True).astype(np.float32)
+    expected = np.where(w >= 0, 1.0, -1.0).astype(np.float32) * alpha
+    np.testing.assert_array_equal(decoded, expected.T if transB else expected)
+
+
+def test_int4_blocked_weights_on_opset_21():
+    w = np.random.default_rng(4).standard_normal((64, 8)).astype(np.float32)
+    proto = _single_layer("MatMul", w, [4, 64], {})
+    x = {"x": np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32)}
+    model, qpass, _ = _quantize(proto, [], mode="int4", block=32)
+    assert model.opset_imports[""] >= 21
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert dq.attributes.get_int("block_size") == 32 and dq.attributes.get_int("axis") == 0
+    assert list(dq.inputs[1].const_value.shape) == [2, 8]
+    q, scales = quantize_int4_blocks(w, 0, 32)
+    restored = q.astype(np.float32) * np.repeat(scales, 32, axis=0)
+    assert np.abs(restored - w).max() <= scales.max() / 2 + 1e-6
+    assert _cosine(_run(proto, x)[0], _run(model, x)[0]) > 0.98
+    assert qpass.tolerance.min_cosine < 0.99
+
+
+def test_weight_only_modes_reject_int8_options():
+    with pytest.raises(PipelineSpecError, match="weight-only"):
+        Pipeline.parse("quantize:binary,dynamic=true")
+    with pytest.raises(PipelineSpecError, match="block must be one of"):
+        Pipeline.parse("quantize:int4,block=48")
