@@ -1,4 +1,4 @@
-"""quantize: QuantizeLinear/DequantizeLinear insertion (int8 static or dynamic).
+"""quantize: QuantizeLinear/DequantizeLinear insertion (int8 static or dynamic, int4, binary).
 
 Activations (asymmetric, per tensor). A calibrated range [a, b] is widened to hold 0, then
 
@@ -24,6 +24,13 @@ Dynamic mode (``dynamic=true``) quantizes weights offline and activations at run
 onnxruntime fuses into DynamicQuantizeMatMul:
 ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, 0) -> Cast -> Mul(x_scale * s)``.
 Only MatMul and Gemm: onnxruntime has no u8s8 ConvInteger kernel on CPU, so Conv stays float.
+
+int4 (weight-only, MatMul/Gemm): blocks of ``block`` weights along K share a scale
+``max|block| / 7``; the weight is a blocked DequantizeLinear of INT4 values (opset 21).
+
+binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
+channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
+and decoded by standard ops on initializers only (see ``_binary_decode``).
 """
 
 from __future__ import annotations
