@@ -32,8 +32,11 @@ class Pipeline:
         """Build a pipeline from a CLI spec such as ``fold-constants,quantize:int8,dynamic=true``.
 
         Commas separate passes; after ``name:`` the tokens ``key=value`` (or a bare first value,
-        the pass's mode) are that pass's options until the next token without ``=``.
+        the pass's mode) are that pass's options until the next token without ``=``. A bare
+        recipe name (``int8``) stands for that recipe's passes.
         """
+        from slimgraph.passes import PASSES, RECIPES  # the registry imports this module
+
         entries: list[tuple[str, dict[str, Any], list[str]]] = []
         for raw in spec.split(","):
             token = raw.strip()
@@ -49,7 +52,13 @@ class Pipeline:
                 entries.append((token, {}, []))
         if not entries:
             raise PipelineSpecError(f"empty pass spec {spec!r}")
-        return cls(make_pass(name, options, positional) for name, options, positional in entries)
+        passes: list[SlimgraphPass] = []
+        for name, options, positional in entries:
+            if name in RECIPES and name not in PASSES and not options and not positional:
+                passes += cls.parse(RECIPES[name]).passes
+            else:
+                passes.append(make_pass(name, options, positional))
+        return cls(passes)
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> Pipeline:
@@ -136,12 +145,13 @@ def make_pass(
     name: str, options: Mapping[str, Any], positional: list[str], source: str = "pass spec"
 ) -> SlimgraphPass:
     """Instantiate the registered pass ``name`` with options coerced to its annotated types."""
-    from slimgraph.passes import PASSES  # the registry imports this module
+    from slimgraph.passes import PASSES, RECIPES  # the registry imports this module
 
     cls = PASSES.get(name)
     if cls is None:
         raise PipelineSpecError(
-            f"{source}: unknown pass {name!r}; valid passes: {', '.join(sorted(PASSES))}"
+            f"{source}: unknown pass {name!r}; valid passes: {', '.join(sorted(PASSES))}; "
+            f"recipes: {', '.join(RECIPES)}"
         )
     params = {
         k: p

@@ -114,3 +114,9 @@ def test_python_objects_accepted():
     assert pipeline.spec() == "fold-constants"
     with pytest.raises(PipelineSpecError):
         Pipeline([object()])
+
+
+def test_recipe_names_expand_in_specs():
+    assert Pipeline.parse("int8").spec() == Pipeline.parse("fold-constants,quantize:int8").spec()
+    assert [p.name for p in Pipeline.parse("lossless,quantize:int8").passes] == [
+        "fold-constants", "quantize"]
