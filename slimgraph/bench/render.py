@@ -81,10 +81,9 @@ def render_plots(result: BenchResult, root: Path) -> list[Path]:
         use_task = all(r.task_accuracy is not None for r in ok)
         for ax, batch in zip(axes[0], batches, strict=True):
             pts = [r for r in ok if r.batch == batch]
-            for r in pts:
-                ax.scatter(r.latency.p50_ms, _accuracy_of(r), marker="s" if r.peer else "o")
-                ax.annotate(f"{r.variant}\n{r.backend}", (r.latency.p50_ms, _accuracy_of(r)),
-                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+            for r in pts:  # a legend, not annotations: near-equal points would overprint
+                ax.scatter(r.latency.p50_ms, _accuracy_of(r), marker="s" if r.peer else "o",
+                           s=40, label=f"{r.variant} / {r.backend}" + (" (peer)" if r.peer else ""))
             front = _pareto(pts)
             ax.plot([r.latency.p50_ms for r in front], [_accuracy_of(r) for r in front], "--",
                     color="gray", linewidth=1)
@@ -93,6 +92,7 @@ def render_plots(result: BenchResult, root: Path) -> list[Path]:
             ax.set_ylabel("task accuracy" if use_task else "cosine to fp32")
             ax.set_title(f"{result.model}, batch {batch}")
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(root / "pareto.png", dpi=110)
         plt.close(fig)
