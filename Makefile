@@ -17,7 +17,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/slimgraph inspect digits-cnn
-	$(BIN)/slimgraph export digits-cnn -o demo-out --passes fold-constants --backend ort-cpu --force
+	$(BIN)/slimgraph export digits-cnn -o demo-out/int8 --passes int8 --backend ort-cpu --force
+	$(BIN)/slimgraph bench digits-cnn --variants fp32,int8 --batch 1,16 \
+		--peers torch-eager,ort-quantizers -o demo-out/bench --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,6 +29,11 @@ lint: $(STAMP)
 
 node-tests: $(STAMP)
 	$(BIN)/python benchmarks/node_tests.py
+
+# The benchmark suite behind the README's numbers; torch-pruning is a benchmark-only peer.
+bench: $(STAMP)
+	$(BIN)/pip install -q torch-pruning
+	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-out
