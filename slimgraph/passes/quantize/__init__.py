@@ -1,0 +1,370 @@
+"""quantize: QuantizeLinear/DequantizeLinear insertion (int8 static or dynamic, int4, binary).
+
+The modes and their math live beside their code: ``int8`` (calibrated QDQ placement, per-channel
+weights, dynamic activations), ``smooth`` (SmoothQuant migration before int8), ``weight_only``
+(int4 blocks, binary signs), ``calibrate`` (activation statistics), ``divergence`` (where a
+quantized model first leaves the float one). This module holds the pass: options, the accuracy
+guard and the speed guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from slimgraph.calibration import Feeds
+from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.quantize.calibrate import (
+    collect_ranges,
+    inputs_of,
+    serialize,
+    values_by_name,
+)
+from slimgraph.passes.quantize.int8 import (
+    Int8Target,
+    QParams,
+    activation_qparams,
+    apply_dynamic,
+    apply_static,
+    cpu_flags,
+    int8_target,
+    place,
+    quantize_weight,
+)
+from slimgraph.passes.quantize.layers import (
+    Counts,
+    is_float_activation,
+    quantizable_layers,
+    weight_axis,
+)
+from slimgraph.passes.quantize.weight_only import (
+    BINARY_WEIGHT_TAG,
+    apply_weight_only,
+    binary_weight,
+    pack_signs,
+    quantize_int4_blocks,
+    unpack_signs,
+)
+from slimgraph.passes.report import Tolerance
+
+logger = logging.getLogger(__name__)
+
+MODES = ("int8", "int4", "binary")
+BLOCK_SIZES = (32, 64, 128)
+CALIBRATORS = ("minmax", "percentile", "entropy")
+ACTIVATION_TYPES = ("auto", "u8", "s8")
+INT8_TOLERANCE = Tolerance(max_rel_err=0.25, min_cosine=0.99, min_top1=0.97)
+INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
+# Binary weights without retraining keep little of a model's function: verification records the
+# metrics but nothing is enforced (recovery by fine-tuning is a separate step).
+BINARY_TOLERANCE = Tolerance(max_rel_err=1e9, min_cosine=-1.0, min_top1=0.0)
+_SPEED_ROUNDS = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass.
+
+
+class InsertQDQPass(SlimgraphPass):
+    """Quantizes a model: ``int8`` static (calibrated QDQ) or ``dynamic=true``.
+
+    ``tolerance=`` (a minimum cosine to the float model on held-out calibration samples) turns on
+    the accuracy guard: layers are ranked by the error each causes alone and the worst stay float
+    until the tolerance holds. ``speed_check`` times the result against the float model in
+    onnxruntime and warns in the report when int8 is not faster.
+    """
+
+    name = "quantize"
+    tolerance: ClassVar[Tolerance] = INT8_TOLERANCE
+    needs_calibration = True
+
+    def __init__(
+        self,
+        mode: str = "int8",
+        *,
+        dynamic: bool = False,
+        calib: str = "percentile",
+        percentile: float = 99.999,
+        activations: str = "auto",
+        reduce_range: bool | None = None,
+        tolerance: float | None = None,
+        exclude: list[str] | None = None,
+        speed_check: bool = True,
+        block: int = 32,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if calib not in CALIBRATORS:
+            raise ValueError(f"unknown calib {calib!r}; valid: {', '.join(CALIBRATORS)}")
+        if activations not in ACTIVATION_TYPES:
+            raise ValueError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATION_TYPES)}")
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        if tolerance is not None and not 0.0 < tolerance <= 1.0:
+            raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+        if dynamic and activations == "s8":
+            raise ValueError("dynamic=true quantizes activations to uint8 (DynamicQuantizeLinear)")
+        self.mode = mode
+        self.dynamic = dynamic
+        self.calib = calib
+        self.percentile = percentile
+        self.activations = activations
+        self.reduce_range = reduce_range
+        self.tolerance = (
+            INT8_TOLERANCE if tolerance is None
+            else dataclasses.replace(INT8_TOLERANCE, min_cosine=min(tolerance, INT8_TOLERANCE.min_cosine))
+        )
+        self.guard_cosine = tolerance
+        self.exclude = list(exclude or [])
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
+        if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None):
+            raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations and reduce_range "
+                             "apply to int8")
+        self.block = block
+        self.speed_check = speed_check
+        self.needs_calibration = (mode == "int8" and not dynamic) or tolerance is not None
+        if mode == "int4":
+            self.tolerance = INT4_TOLERANCE if tolerance is None else dataclasses.replace(
+                INT4_TOLERANCE, min_cosine=tolerance)
+        elif mode == "binary":
+            self.tolerance = BINARY_TOLERANCE if tolerance is None else dataclasses.replace(
+                BINARY_TOLERANCE, min_cosine=tolerance)
+        super().__init__()
+
+    def options(self) -> dict:
+        opts = super().options()
+        opts["tolerance"] = self.guard_cosine
+        return opts
+
+    def target(self) -> Int8Target:
+        """The int8 kernels aimed at: from the options, else from this CPU's flags."""
+        detected = int8_target(cpu_flags())
+        activations = {"u8": ir.DataType.UINT8, "s8": ir.DataType.INT8}.get(
+            self.activations, detected.activations
+        )
+        if self.dynamic:
+            activations = ir.DataType.UINT8
+        reduce_range = detected.reduce_range if self.reduce_range is None else self.reduce_range
+        reason = detected.reason if (self.activations == "auto" and self.reduce_range is None) else "as asked"
+        return Int8Target(activations, reduce_range, reason)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not quantizable_layers(model, _dtypes(model)):
+            self.report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with a constant weight")
+            return ir.passes.PassResult(model, False)
+        if self.mode == "int4" and model.opset_imports.get("", 1) < 21:
+            from onnxscript.version_converter import convert_version
+
+            # Blocked DequantizeLinear with INT4 weights exists from opset 21 on.
+            self.report.notes.append(f"opset {model.opset_imports.get('', 1)} -> 21 for int4 weights")
+            convert_version(model, 21)
+        dtypes = _dtypes(model)
+        layers = quantizable_layers(model, dtypes)
+        target = self.target()
+        if self.mode == "int8":
+            self.report.notes.append(f"int8 target: {target.describe()}")
+        unknown = sorted(set(self.exclude) - set(layers))
+        if unknown:
+            self.report.notes.append(f"exclude: no quantizable layer named {', '.join(unknown)}")
+        timed = self.speed_check and self.mode == "int8"
+        float_model = model.clone() if (timed or self.guard_cosine is not None) else None
+        feeds = list(self.calibration) if self.calibration is not None else []
+        calib_feeds, held_out = _split(feeds)
+
+        ranges: dict[str, tuple[float, float]] = {}
+        static = self.mode == "int8" and not self.dynamic
+        if static:
+            wanted = _range_candidates(model, dtypes, set(self.exclude))
+            ranges = collect_ranges(model, wanted, calib_feeds, self.calib, self.percentile)
+
+        def build(keep_float: set[str], into: ir.Model) -> Counts:
+            if self.mode != "int8":
+                return apply_weight_only(into, self.mode, self.block, keep_float)
+            if self.dynamic:
+                return apply_dynamic(into, dtypes, target, keep_float)
+            return apply_static(into, dtypes, ranges, target, keep_float)
+
+        keep_float = set(self.exclude)
+        if self.guard_cosine is not None:
+            keep_float = self._guard(model, build, keep_float, layers, held_out)
+        counts = build(keep_float, model)
+        self.report.count("layers_quantized", counts.layers)
+        self.report.count("layers_float", len([x for x in layers if x in keep_float]))
+        if static:
+            self.report.count("joins_quantized", counts.joins)
+            self.report.count("relus_folded", counts.relus_folded)
+            self.report.count("qdq_pairs", counts.qdq_pairs)
+            self.report.count("biases_quantized", counts.biases)
+        untouched = {"dynamic": "Conv", "int4": "Conv"}.get("dynamic" if self.dynamic else self.mode)
+        convs = sum(1 for n in model.graph if n.op_type == "Conv") if untouched else 0
+        if convs and self.dynamic:
+            self.report.notes.append(
+                f"dynamic: {convs} Conv node(s) stay float (onnxruntime has no u8s8 ConvInteger "
+                "kernel on CPU); use static int8 for CNNs"
+            )
+        elif convs:
+            self.report.notes.append(f"int4: {convs} Conv node(s) stay float (int4 is for MatMul/Gemm)")
+        if timed and float_model is not None and counts.layers:
+            self._speed_guard(float_model, model, held_out or feeds)
+        logger.info("quantize: %s", self.report.counts)
+        return ir.passes.PassResult(model, counts.layers > 0)
+
+    def _guard(self, model, build, keep_float: set[str], layers: list[str],
+               held_out: list[Feeds]) -> set[str]:
+        """Keep the most sensitive layers float until the held-out cosine reaches the tolerance."""
+        threshold = self.guard_cosine
+        assert threshold is not None
+        if not held_out:
+            raise ValueError("the accuracy guard (tolerance=) needs calibration samples")
+        reference = _run_all(model, held_out)
+
+        def cosine(keep: set[str]) -> float:
+            candidate = model.clone()
+            build(keep, candidate)
+            return _min_cosine(reference, _run_all(candidate, held_out))
+
+        score = cosine(keep_float)
+        self.report.notes.append(f"accuracy guard: all layers int8 -> cosine {score:.5f}")
+        if score >= threshold:
+            return keep_float
+        active = [x for x in layers if x not in keep_float]
+        errors = {x: 1.0 - cosine(set(layers) - {x}) for x in active}
+        ranked = sorted(active, key=lambda x: -errors[x])
+        self.report.notes.append(
+            "layer sensitivity (1 - cosine, alone): "
+            + ", ".join(f"{x}={errors[x]:.3g}" for x in ranked)
+        )
+        fallen: list[str] = []
+        for layer in ranked:
+            keep_float = keep_float | {layer}
+            fallen.append(layer)
+            score = cosine(keep_float)
+            if score >= threshold:
+                break
+        verdict = "holds" if score >= threshold else "STILL MISSED"
+        self.report.notes.append(
+            f"accuracy guard: kept float {', '.join(fallen)} -> cosine {score:.5f}, "
+            f"tolerance {threshold:g} {verdict}"
+        )
+        return keep_float
+
+    def _speed_guard(self, float_model: ir.Model, model: ir.Model, feeds: list[Feeds]) -> None:
+        from slimgraph.frontend import random_feeds
+
+        feed = feeds[0] if feeds else random_feeds(float_model, batch=1)
+        ratio = latency_ratio(float_model, model, feed)
+        logger.info("quantize: int8/fp32 latency %.3fx", ratio)
+        if ratio >= 1.0:
+            warning = (
+                "WARNING: speed guard: the int8 model is NOT faster than fp32 in onnxruntime here "
+                "(int8/fp32 latency >= 1.0x); check the activation type and which nodes fused"
+            )
+            logger.warning("quantize: %s (%.2fx)", warning, ratio)
+            self.report.notes.append(warning)
+        else:
+            self.report.notes.append("speed guard: the int8 model is faster than fp32 in onnxruntime")
+
+
+def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds, threads: int = 2,
+                  rounds: int = _SPEED_ROUNDS) -> float:
+    """Median quantized/float latency over interleaved rounds (onnxruntime CPU, no spinning)."""
+    from slimgraph.backends.ort import session_for
+
+    config = {"allow_spinning": False, "intra_op_num_threads": threads}
+    sessions = [session_for(serialize(m), config) for m in (float_model, quantized)]
+    inputs = [inputs_of(s, feed) for s in sessions]
+    for s, x in zip(sessions, inputs, strict=True):
+        s.run(None, x)
+    per_round = max(1, int(0.05 / max(_time_once(sessions[0], inputs[0]), 1e-6)))
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (s, x) in enumerate(zip(sessions, inputs, strict=True)):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                s.run(None, x)
+            times[i].append((time.perf_counter() - start) / per_round)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def _time_once(session, feed: Feeds) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def _split(feeds: list[Feeds]) -> tuple[list[Feeds], list[Feeds]]:
+    """Calibration and held-out feeds: the last quarter is held out (all of them below 4)."""
+    if len(feeds) < 4:
+        return feeds, feeds
+    held = max(1, len(feeds) // 4)
+    return feeds[:-held], feeds[-held:]
+
+
+def _run_all(model: ir.Model, feeds: list[Feeds]) -> list[list[np.ndarray]]:
+    from slimgraph.backends.ort import session_for
+
+    session = session_for(serialize(model), {"allow_spinning": False})
+    return [session.run(None, inputs_of(session, f)) for f in feeds]
+
+
+def _min_cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    from slimgraph.verify import compare_outputs
+
+    names = [str(i) for i in range(len(reference[0]))]
+    return min(m.cosine for m in compare_outputs(names, reference, actual))
+
+
+def _dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element type of every value, with shape inference on a copy where the graph lacks types."""
+    probe = model.clone()
+    if any(v.dtype is None for n in probe.graph for v in n.outputs):
+        try:
+            common.ShapeInferencePass()(probe)
+        except Exception as exc:  # onnx shape inference rejects some valid graphs
+            logger.info("quantize: shape inference failed (%s); using the types present", exc)
+    dtypes = {name: v.dtype for name, v in values_by_name(probe.graph).items() if v.dtype is not None}
+    for name, v in probe.graph.initializers.items():
+        if v.const_value is not None:
+            dtypes[name] = v.const_value.dtype
+    return dtypes
+
+
+def _range_candidates(model: ir.Model, dtypes: dict[str, ir.DataType], keep_float: set[str]) -> list[str]:
+    """Every value the full int8 placement may quantize (fallbacks only ever drop some)."""
+    probe = model.clone()
+    placement = place(probe.graph, dtypes, keep_float)
+    names = {placement.range_of[v] for v in placement.quantized}
+    # A layer kept float by the guard un-folds its Relu, so both sides of each Relu are needed.
+    for y, relu in placement.folded_relus.items():
+        names |= {y.name, relu.outputs[0].name}
+    for node in placement.int8_nodes:
+        names |= {v.name for v in (*node.inputs, *node.outputs) if is_float_activation(v, dtypes)}
+    return sorted(names)
+
+
+__all__ = [
+    "BINARY_WEIGHT_TAG",
+    "InsertQDQPass",
+    "Int8Target",
+    "QParams",
+    "activation_qparams",
+    "binary_weight",
+    "collect_ranges",
+    "cpu_flags",
+    "int8_target",
+    "latency_ratio",
+    "pack_signs",
+    "quantizable_layers",
+    "quantize_int4_blocks",
+    "quantize_weight",
+    "unpack_signs",
+    "weight_axis",
+]

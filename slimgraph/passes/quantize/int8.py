@@ -1,0 +1,417 @@
+"""int8: calibrated QuantizeLinear/DequantizeLinear pairs (static) or run-time activation scales.
+
+Activations (asymmetric, per tensor). A calibrated range [a, b] is widened to hold 0, then
+
+    scale = (b - a) / (qmax - qmin)        zp = clip(round(qmin - a / scale), qmin, qmax)
+
+with [qmin, qmax] = [0, 255] for uint8 and [-128, 127] for int8. A Relu whose producer is
+quantized is folded into the range: its output range starts at 0, so zp = qmin and the saturating
+QuantizeLinear clamps negatives exactly as the Relu did.
+
+Weights (symmetric, per output channel c): ``s_c = max|W_c| / Q`` and ``W_q = clip(round(W / s_c),
+-Q, Q)``, Q = 127 (63 with ``reduce_range``: 7-bit weights keep u8 x s8 pair sums inside int16 on
+AVX2/AVX-512 CPUs without VNNI). The channel axis is where output channels live: Conv W[M, C, k..]
+-> 0; Gemm W[N, K] (transB=1) -> 0, W[K, N] (transB=0) -> 1; MatMul W[K, N] -> 1. A bias b
+becomes int32 with scale ``s_x * s_c`` and zero point 0, the form onnxruntime's fused kernels take.
+
+Placement is a global analysis (hand-written, not rewrite rules): the layers (Conv, Gemm, MatMul
+with a constant weight) are quantized; an Add, Concat or pooling joins them in int8 when one of its
+inputs comes from a quantized node; data-movement ops (MaxPool, Flatten, Reshape, Transpose, ...)
+pass int8 through with their input's parameters so onnxruntime drops the Q/DQ around them. Every
+other op (LayerNorm, Softmax, GELU, ...) stays float.
+
+Dynamic mode (``dynamic=true``) quantizes weights offline and activations at run time in the form
+onnxruntime fuses into DynamicQuantizeMatMul:
+``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, 0) -> Cast -> Mul(x_scale * s)``.
+Only MatMul and Gemm: onnxruntime has no u8s8 ConvInteger kernel on CPU, so Conv stays float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from slimgraph.passes.quantize.layers import (
+    FLOAT,
+    LAYER_OPS,
+    Counts,
+    Namer,
+    add_initializer,
+    constant_weight,
+    is_float_activation,
+    layer_ids,
+    weight_axis,
+)
+
+_JOIN_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
+_PASSTHROUGH_OPS = frozenset(
+    {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "GlobalMaxPool"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Target:
+    """The integer kernels to aim for: activation type, 7-bit weights or not, and why."""
+
+    activations: ir.DataType  # UINT8 (U8S8 kernels) or INT8 (S8S8)
+    reduce_range: bool
+    reason: str
+
+    def describe(self) -> str:
+        kind = "U8S8" if self.activations == ir.DataType.UINT8 else "S8S8"
+        return f"{kind} activations, reduce_range={str(self.reduce_range).lower()} ({self.reason})"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The instruction-set flags of the first CPU, or None where /proc/cpuinfo has none."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def int8_target(flags: set[str] | None) -> Int8Target:
+    """U8S8 where x86 has it fast (VNNI), U8S8 with 7-bit weights on older AVX2, S8S8 elsewhere."""
+    if flags is None:
+        return Int8Target(ir.DataType.INT8, False, "no x86 flags found: S8S8 kernels (ARM sdot)")
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if vnni:
+        return Int8Target(ir.DataType.UINT8, False, f"x86 with {'+'.join(vnni)}")
+    if "avx2" in flags:
+        return Int8Target(
+            ir.DataType.UINT8, True, "x86 AVX2 without VNNI: 7-bit weights avoid int16 saturation"
+        )
+    return Int8Target(ir.DataType.UINT8, False, "x86 without AVX2")
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine parameters of one activation."""
+
+    scale: float
+    zero_point: int
+    dtype: ir.DataType
+
+
+def activation_qparams(low: float, high: float, dtype: ir.DataType) -> QParams:
+    """Asymmetric parameters for the range [low, high] widened to hold 0 (module docstring)."""
+    qmin, qmax = (0, 255) if dtype == ir.DataType.UINT8 else (-128, 127)
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if high - low <= 0 or not np.isfinite(high - low):
+        return QParams(1.0, qmin if low == 0 else (qmin + qmax + 1) // 2, dtype)
+    scale = (high - low) / (qmax - qmin)
+    zero_point = int(np.clip(np.round(qmin - low / scale), qmin, qmax))
+    return QParams(float(np.float32(scale)), zero_point, dtype)
+
+
+def quantize_weight(
+    weight: np.ndarray, axis: int, reduce_range: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 weights along ``axis``: (int8 values, float32 scales)."""
+    qmax = 63 if reduce_range else 127
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
+    amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scales.reshape(shape).astype(np.float64)), -qmax, qmax)
+    return q.astype(np.int8), scales
+
+
+@dataclasses.dataclass
+class _Placement:
+    """The int8 region: nodes that run in int8, values quantized, Relus folded into ranges."""
+
+    layers: list[ir.Node]
+    int8_nodes: set[ir.Node]
+    folded_relus: dict[ir.Value, ir.Node]  # producer output -> the Relu that is folded away
+    range_of: dict[ir.Value, str]  # quantized value -> the value whose range / params it takes
+    quantized: list[ir.Value]  # in topological order
+
+
+def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str]) -> _Placement:
+    ids = layer_ids(graph)
+    layers = [
+        n for n in graph
+        if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx") and ids[n] not in keep_float
+        and constant_weight(n) is not None and is_float_activation(n.inputs[0], dtypes)
+    ]
+    int8_nodes = set(layers)
+    int8_values: set[ir.Value] = set()  # values available in int8 (outputs of int8 nodes)
+    folded: dict[ir.Value, ir.Node] = {}
+    range_of: dict[ir.Value, str] = {}
+    for node in graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        acts = [v for v in node.inputs if is_float_activation(v, dtypes)]
+        if node.op_type == "Relu" and acts and acts[0].producer() in int8_nodes:
+            y = acts[0]
+            if len(y.uses()) == 1 and not y.is_graph_output() and not node.outputs[0].is_graph_output():
+                folded[y] = node
+                range_of[y] = node.outputs[0].name
+                int8_values.add(node.outputs[0])
+            continue
+        constant_input = any(v is not None and v.const_value is not None for v in node.inputs)
+        if node.op_type in _JOIN_OPS and not constant_input and any(v in int8_values for v in acts):
+            int8_nodes.add(node)
+        elif node.op_type in _PASSTHROUGH_OPS and acts and node.inputs[0] in int8_values:
+            int8_nodes.add(node)
+            source = node.inputs[0]
+            range_of[node.outputs[0]] = range_of.get(source, source.name)
+        if node in int8_nodes:
+            int8_values.update(v for v in node.outputs if dtypes.get(v.name) == FLOAT)
+
+    quantized: list[ir.Value] = []
+    seen: set[ir.Value] = set()
+
+    def want(value: ir.Value) -> None:
+        if value not in seen:
+            seen.add(value)
+            quantized.append(value)
+            range_of.setdefault(value, value.name)
+
+    for value in graph.inputs:
+        if any(user in int8_nodes for user, _ in value.uses()) and dtypes.get(value.name) == FLOAT:
+            want(value)
+    for node in graph:
+        if node in int8_nodes:
+            for v in node.inputs:
+                if is_float_activation(v, dtypes) and v.producer() is not None and (
+                    v.producer() not in int8_nodes and v not in folded_outputs(folded)
+                ):
+                    want(v)
+        if node not in int8_nodes:
+            continue
+        out = node.outputs[0]
+        relu = folded.get(out)
+        final = relu.outputs[0] if relu is not None else out
+        feeds_int8 = any(user in int8_nodes for user, _ in final.uses())
+        if final.is_graph_output():
+            continue
+        if node.op_type not in ("Gemm", "MatMul") or feeds_int8 or relu is not None:
+            want(out)
+    return _Placement(layers, int8_nodes, folded, range_of, quantized)
+
+
+def folded_outputs(folded: dict[ir.Value, ir.Node]) -> set[ir.Value]:
+    return {relu.outputs[0] for relu in folded.values()}
+
+
+def _numpy_dtype(dtype: ir.DataType) -> type:
+    return np.uint8 if dtype == ir.DataType.UINT8 else np.int8
+
+
+def apply_static(
+    model: ir.Model, dtypes: dict[str, ir.DataType], ranges: dict[str, tuple[float, float]],
+    target: Int8Target, keep_float: set[str],
+) -> Counts:
+    """Insert Q/DQ pairs and int8 weights for the static placement; returns what it did."""
+    graph = model.graph
+    placement = place(graph, dtypes, keep_float)
+    namer = Namer(graph)
+    counts = Counts()
+    params: dict[ir.Value, QParams] = {}
+    for value in placement.quantized:
+        key = placement.range_of[value]
+        if key not in ranges:
+            continue
+        params[value] = activation_qparams(*ranges[key], target.activations)
+
+    for value in placement.quantized:
+        qp = params.get(value)
+        if qp is None:
+            continue
+        base = value.name
+        scale = add_initializer(graph, namer, f"{base}_scale", np.array(qp.scale, np.float32))
+        zp = add_initializer(graph, namer, f"{base}_zero_point",
+                          np.array(qp.zero_point, _numpy_dtype(qp.dtype)))
+        q = ir.node("QuantizeLinear", [value, scale, zp], name=namer(f"{base}_QuantizeLinear"))
+        q.outputs[0].name = namer(f"{base}_quantized")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp],
+                     name=namer(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = namer(f"{base}_dequantized")
+        q.outputs[0].dtype, dq.outputs[0].dtype = qp.dtype, FLOAT
+        q.outputs[0].shape = dq.outputs[0].shape = value.shape
+        relu = placement.folded_relus.get(value)
+        producer = value.producer()
+        if relu is not None:
+            relu.outputs[0].replace_all_uses_with(dq.outputs[0])
+            graph.insert_after(producer, [q, dq])
+            graph.remove(relu, safe=True)
+            counts.relus_folded += 1
+        elif producer in placement.int8_nodes:
+            for user, index in list(value.uses()):
+                if user is not q:
+                    user.replace_input_with(index, dq.outputs[0])
+            graph.insert_after(producer, [q, dq])
+        else:
+            for user, index in list(value.uses()):
+                if user in placement.int8_nodes:
+                    user.replace_input_with(index, dq.outputs[0])
+            if producer is None:
+                graph.insert_before(graph[0], [q, dq])
+            else:
+                graph.insert_after(producer, [q, dq])
+        counts.qdq_pairs += 1
+
+    weights: dict[tuple[ir.Value, int], tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
+    for node in placement.layers:
+        axis = weight_axis(node)
+        w = node.inputs[1]
+        if (w, axis) not in weights:
+            q, scales = quantize_weight(w.const_value.numpy(), axis, target.reduce_range)
+            wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
+            ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
+            # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
+            # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
+            wz = None if node.op_type == "Conv" else add_initializer(
+                graph, namer, f"{w.name}_zero_point", np.zeros(len(scales), np.int8)
+            )
+            weights[(w, axis)] = (wq, ws, wz, scales)
+        wq, ws, wz, scales = weights[(w, axis)]
+        dq = ir.node("DequantizeLinear", [wq, ws] + ([wz] if wz is not None else []), {"axis": axis},
+                     name=namer(f"{w.name}_DequantizeLinear"))
+        dq.outputs[0].name = namer(f"{w.name}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, w.shape
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        counts.layers += 1
+        x_params = params.get(node.inputs[0]) or params.get(_dq_source(node.inputs[0]))
+        if len(node.inputs) > 2 and x_params is not None:
+            counts.biases += _quantize_bias(graph, namer, node, x_params.scale * scales)
+    counts.joins = len(placement.int8_nodes) - len(placement.layers)
+    common.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+def _dq_source(value: ir.Value) -> ir.Value | None:
+    """The float value a DequantizeLinear output stands for (input of the matching Q)."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer()
+    return q.inputs[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+
+def _quantize_bias(
+    graph: ir.Graph, namer: Namer, node: ir.Node, scales: np.ndarray
+) -> int:
+    """Replace a 1-D float bias by DequantizeLinear(int32, s_x * s_w); 1 if done, else 0."""
+    b = node.inputs[2]
+    if b is None or b.const_value is None or b.const_value.dtype != FLOAT:
+        return 0
+    if node.op_type == "Gemm" and (
+        node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0
+    ):
+        return 0
+    bias = b.const_value.numpy().astype(np.float64)
+    if bias.shape != scales.shape:
+        return 0
+    scales = scales.astype(np.float32)
+    q = np.round(bias / scales.astype(np.float64))
+    if np.abs(q).max(initial=0) >= 2**31 - 1 or (scales == 0).any():
+        return 0
+    bq = add_initializer(graph, namer, f"{b.name}_quantized", q.astype(np.int32))
+    bs = add_initializer(graph, namer, f"{b.name}_scale", scales)
+    dq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0},
+                 name=namer(f"{b.name}_DequantizeLinear"))
+    dq.outputs[0].name = namer(f"{b.name}_dequantized")
+    dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, b.shape
+    graph.insert_before(node, dq)
+    node.replace_input_with(2, dq.outputs[0])
+    return 1
+
+
+def apply_dynamic(model: ir.Model, dtypes: dict[str, ir.DataType], target: Int8Target,
+                   keep_float: set[str]) -> Counts:
+    """MatMul/Gemm -> DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias)."""
+    graph = model.graph
+    ids = layer_ids(graph)
+    namer = Namer(graph)
+    counts = Counts()
+    dynamic_inputs: dict[ir.Value, ir.Node] = {}
+    for node in list(graph):
+        if (
+            node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx")
+            or ids[node] in keep_float or constant_weight(node) is None
+            or not is_float_activation(node.inputs[0], dtypes)
+        ):
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        weight = w.const_value.numpy()
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            weight = weight.T
+        q, scales = quantize_weight(weight, 1, target.reduce_range)
+        new_nodes = []
+        dql = dynamic_inputs.get(x)
+        if dql is None:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3,
+                          name=namer(f"{x.name}_DynamicQuantizeLinear"))
+            for out, suffix, dtype in zip(dql.outputs, ("quantized", "scale", "zero_point"),
+                                          (ir.DataType.UINT8, FLOAT, ir.DataType.UINT8), strict=True):
+                out.name, out.dtype = namer(f"{x.name}_{suffix}"), dtype
+            dql.outputs[0].shape = x.shape
+            dynamic_inputs[x] = dql
+            new_nodes.append(dql)
+        wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
+        wz = add_initializer(graph, namer, f"{w.name}_zero_point", np.zeros(len(scales), np.int8))
+        ws = add_initializer(graph, namer, f"{w.name}_scale", (scales * np.float32(alpha)).astype(np.float32))
+        base = node.name or ids[node]
+        mm = ir.node("MatMulInteger", [dql.outputs[0], wq, dql.outputs[2], wz],
+                     name=namer(f"{base}_MatMulInteger"))
+        cast = ir.node("Cast", [mm.outputs[0]], {"to": FLOAT}, name=namer(f"{base}_Cast"))
+        scale = ir.node("Mul", [dql.outputs[1], ws], name=namer(f"{base}_scale_Mul"))
+        out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=namer(f"{base}_Mul"))
+        for n, suffix, dtype in ((mm, "int32", ir.DataType.INT32), (cast, "cast", FLOAT),
+                                 (scale, "scale", FLOAT), (out, "output", FLOAT)):
+            n.outputs[0].name, n.outputs[0].dtype = namer(f"{base}_{suffix}"), dtype
+        new_nodes += [mm, cast, scale, out]
+        result = out.outputs[0]
+        bias = _gemm_bias(graph, namer, node, base, new_nodes)
+        if bias is not None:
+            add = ir.node("Add", [result, bias], name=namer(f"{base}_bias_Add"))
+            add.outputs[0].dtype = FLOAT
+            new_nodes.append(add)
+            result = add.outputs[0]
+        graph.insert_before(node, new_nodes)
+        old = node.outputs[0]
+        result.shape = old.shape
+        old_name = old.name
+        is_output = old.is_graph_output()
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if is_output:
+            result.name = old_name
+        counts.layers += 1
+    common.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+def _gemm_bias(
+    graph: ir.Graph, namer: Namer, node: ir.Node, base: str, new_nodes: list[ir.Node]
+) -> ir.Value | None:
+    """``beta * C`` of a Gemm (folded into a new initializer when C is constant), else None."""
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    c = node.inputs[2]
+    beta = node.attributes.get_float("beta", 1.0)
+    if beta == 1.0:
+        return c
+    if c.const_value is not None:
+        return add_initializer(graph, namer, f"{c.name}_scaled",
+                            (c.const_value.numpy() * beta).astype(np.float32))
+    factor = add_initializer(graph, namer, f"{base}_beta", np.array(beta, np.float32))
+    mul = ir.node("Mul", [c, factor], name=namer(f"{base}_beta_Mul"))
+    mul.outputs[0].dtype = FLOAT
+    new_nodes.append(mul)
+    return mul.outputs[0]
+

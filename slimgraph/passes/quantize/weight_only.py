@@ -1,0 +1,169 @@
+"""Weight-only modes: int4 blocks and binary signs.
+
+int4 (weight-only, MatMul/Gemm): blocks of ``block`` weights along K share a scale
+``max|block| / 7``; the weight is a blocked DequantizeLinear of INT4 values (opset 21).
+
+binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
+channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
+and decoded by standard ops on initializers only (see ``_binary_decode``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from slimgraph.passes.quantize.layers import (
+    FLOAT,
+    LAYER_OPS,
+    Counts,
+    Namer,
+    add_initializer,
+    constant_weight,
+    layer_ids,
+    weight_axis,
+)
+
+BINARY_WEIGHT_TAG = "slimgraph.binary_weight"
+
+
+def quantize_int4_blocks(weight: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 along ``axis`` in blocks of ``block``: (int4 values, float32 block scales).
+
+    The scales have the weight's shape with ``ceil(dim / block)`` along ``axis``, the layout of a
+    blocked DequantizeLinear (opset 21).
+    """
+    import ml_dtypes
+
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
+    dim = moved.shape[0]
+    blocks = -(-dim // block)
+    padded = np.zeros((blocks * block, *moved.shape[1:]))
+    padded[:dim] = moved
+    amax = np.abs(padded.reshape(blocks, block, *moved.shape[1:])).max(axis=1)
+    scales = np.where(amax > 0, amax / 7, 1.0)
+    q = np.clip(np.round(moved / np.repeat(scales, block, axis=0)[:dim]), -8, 7)
+    return (np.moveaxis(q, 0, axis).astype(ml_dtypes.int4),
+            np.moveaxis(scales, 0, axis).astype(np.float32))
+
+
+def pack_signs(weight: np.ndarray) -> np.ndarray:
+    """One bit per weight, 1 where w >= 0, packed big-endian into uint8 (np.packbits order)."""
+    return np.packbits((weight.ravel() >= 0).astype(np.uint8))
+
+
+def unpack_signs(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The +1/-1 float32 array ``pack_signs`` stored."""
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed)[:n].astype(np.float32)
+    return (bits * 2 - 1).reshape(shape)
+
+
+def binary_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """XNOR-Net binary weights: (packed signs, alpha = mean |W| per output channel along ``axis``)."""
+    moved = np.moveaxis(np.abs(weight.astype(np.float64)), axis, 0)
+    alpha = moved.reshape(moved.shape[0], -1).mean(axis=1).astype(np.float32)
+    return pack_signs(weight), alpha
+
+
+def _binary_decode(
+    graph: ir.Graph, namer: Namer, node: ir.Node, w: ir.Value, axis: int
+) -> list[ir.Node]:
+    """Nodes that rebuild ``sign(W) * alpha`` from packed bits with standard ops.
+
+    ``Unsqueeze(bits, [1]) >> [7..0] mod 2 -> Reshape(-1) -> Slice(0, n) -> Cast -> *2 - 1 ->
+    Reshape(W.shape) * alpha``; every input is an initializer, so runtimes fold it at load. The
+    last Mul carries the metadata ``slimgraph.binary_weight`` = ``axis=A`` for backends.
+    """
+    weight = w.const_value.numpy()
+    packed, alpha = binary_weight(weight, axis)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    const = {
+        "bits": packed,
+        "shifts": np.arange(7, -1, -1, dtype=np.uint8),
+        "two_u8": np.array(2, np.uint8),
+        "axes": np.array([1], np.int64),
+        "flat": np.array([-1], np.int64),
+        "start": np.array([0], np.int64),
+        "stop": np.array([weight.size], np.int64),
+        "two": np.array(2, np.float32),
+        "one": np.array(1, np.float32),
+        "shape": np.array(weight.shape, np.int64),
+        "alpha": alpha.reshape(shape),
+    }
+    v = {k: add_initializer(graph, namer, f"{w.name}_binary_{k}", a) for k, a in const.items()}
+    steps = [
+        ("Unsqueeze", [v["bits"], v["axes"]], {}, ir.DataType.UINT8),
+        ("BitShift", [None, v["shifts"]], {"direction": "RIGHT"}, ir.DataType.UINT8),
+        ("Mod", [None, v["two_u8"]], {}, ir.DataType.UINT8),
+        ("Reshape", [None, v["flat"]], {}, ir.DataType.UINT8),
+        ("Slice", [None, v["start"], v["stop"]], {}, ir.DataType.UINT8),
+        ("Cast", [None], {"to": FLOAT}, FLOAT),
+        ("Mul", [None, v["two"]], {}, FLOAT),
+        ("Sub", [None, v["one"]], {}, FLOAT),
+        ("Reshape", [None, v["shape"]], {}, FLOAT),
+        ("Mul", [None, v["alpha"]], {}, FLOAT),
+    ]
+    nodes: list[ir.Node] = []
+    for op, inputs, attrs, dtype in steps:
+        if nodes:
+            inputs = [nodes[-1].outputs[0], *inputs[1:]]
+        n = ir.node(op, inputs, attrs, name=namer(f"{w.name}_binary_{op}"))
+        n.outputs[0].name, n.outputs[0].dtype = namer(f"{w.name}_binary_{op.lower()}"), dtype
+        nodes.append(n)
+    nodes[-1].outputs[0].shape = w.shape
+    nodes[-1].metadata_props[BINARY_WEIGHT_TAG] = f"axis={axis}"
+    return nodes
+
+
+def _weight_only_axis(node: ir.Node, mode: str) -> int | None:
+    """int4: the axis holding K (blocks run along the reduction); binary: the output channels."""
+    if mode == "binary":
+        return weight_axis(node)
+    if node.op_type == "Conv":
+        return None
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return 1
+    return 0
+
+
+def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[str]) -> Counts:
+    """Replace each layer's float weight by a decode from int4 blocks or packed sign bits."""
+    graph = model.graph
+    ids = layer_ids(graph)
+    namer = Namer(graph)
+    counts = Counts()
+    decoded: dict[tuple[ir.Value, int], ir.Value] = {}
+    for node in list(graph):
+        if (
+            node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx")
+            or ids[node] in keep_float or constant_weight(node) is None
+        ):
+            continue
+        axis = _weight_only_axis(node, mode)
+        if axis is None:
+            continue
+        w = node.inputs[1]
+        if (w, axis) not in decoded:
+            if mode == "binary":
+                new_nodes = _binary_decode(graph, namer, node, w, axis)
+            else:
+                q, scales = quantize_int4_blocks(w.const_value.numpy(), axis, block)
+                wq = add_initializer(graph, namer, f"{w.name}_int4", q)
+                ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
+                dq = ir.node("DequantizeLinear", [wq, ws], {"axis": axis, "block_size": block},
+                             name=namer(f"{w.name}_DequantizeLinear"))
+                dq.outputs[0].name = namer(f"{w.name}_dequantized")
+                dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, w.shape
+                new_nodes = [dq]
+            graph.insert_before(node, new_nodes)
+            decoded[(w, axis)] = new_nodes[-1].outputs[0]
+        node.replace_input_with(1, decoded[(w, axis)])
+        counts.layers += 1
+    common.RemoveUnusedNodesPass()(model)
+    return counts
+
