@@ -1,0 +1,175 @@
+"""tvm-llvm / tvm-cuda: build through export(), compare with onnxruntime, load in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+pytest.importorskip("tvm")
+
+from conftest import make_tiny_cnn  # noqa: E402
+
+import slimgraph  # noqa: E402
+from slimgraph.backends import parse_backend_spec  # noqa: E402
+from slimgraph.backends.ort import session_for  # noqa: E402
+from slimgraph.backends.tvm import TVM_CUDA, TVM_LLVM, load_runner  # noqa: E402
+from slimgraph.errors import BackendError  # noqa: E402
+
+
+def _ort_outputs(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session_for(make_tiny_cnn().SerializeToString()).run(None, feeds)
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _image(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+
+
+def test_registered_and_parsed() -> None:
+    backend, options = parse_backend_spec("tvm-llvm:mcpu=generic,threads=2,tune=0")
+    assert backend is TVM_LLVM
+    assert options == {"mcpu": "generic", "threads": 2, "tune": 0}
+    assert TVM_LLVM.available() and TVM_LLVM.unavailable_reason() is None
+
+
+def test_export_tvm_llvm_matches_onnxruntime(tiny_cnn_path: Path, tmp_path: Path) -> None:
+    result = slimgraph.export(tiny_cnn_path, tmp_path / "out", backends=["ort-cpu", "tvm-llvm"])
+    assert result.passed
+    entry = result.manifest["backends"]["tvm-llvm"]
+    assert set(entry["files"]) == {"model.onnx", "tvm-llvm/io.json", "tvm-llvm/model.so"}
+    assert entry["options"]["untuned"] is True
+    assert entry["options"]["target"]["kind"] == "llvm"
+    io = json.loads((tmp_path / "out" / "tvm-llvm" / "io.json").read_text())
+    assert io["inputs"] == [{"name": "image", "shape": ["N", 3, 16, 16], "dtype": "float32"}]
+    run = load_runner(tmp_path / "out" / "tvm-llvm" / "io.json")
+    for batch in (1, 5):  # the symbolic batch stays dynamic
+        feeds = {"image": _image(batch)}
+        (got,), (want,) = run(feeds), _ort_outputs(feeds)
+        assert got.shape == (batch, 10)
+        assert _rel_err(got, want) < 1e-4
+
+
+def test_torch_module_exports(torch_models_module: str, tmp_path: Path) -> None:
+    result = slimgraph.export(f"{torch_models_module}:build_with_inputs", tmp_path / "out",
+                              backends=["tvm-llvm:mcpu=generic"])
+    assert result.passed
+    assert result.manifest["backends"]["tvm-llvm"]["options"]["mcpu"] == "generic"
+
+
+def test_build_is_byte_identical(tmp_path: Path) -> None:
+    model = ir.from_proto(make_tiny_cnn())
+    hashes = []
+    for name in ("a", "b"):
+        built = TVM_LLVM.build(model, tmp_path / name, {})
+        hashes.append([(tmp_path / name / f).read_bytes() for f in built.files])
+    assert hashes[0] == hashes[1]
+
+
+def test_fixed_batch_runs_any_batch(tmp_path: Path) -> None:
+    built = TVM_LLVM.build(ir.from_proto(make_tiny_cnn()), tmp_path, {"batch": 4})
+    run = TVM_LLVM.load(built)
+    feeds = {"image": _image(10, seed=3)}  # 4 + 4 + 2 padded rows
+    assert _rel_err(run(feeds)[0], _ort_outputs(feeds)[0]) < 1e-4
+    with pytest.raises(BackendError, match="'image' has shape"):
+        run({"image": np.zeros((4, 3, 8, 8), np.float32)})
+
+
+def test_bad_options_name_the_option(tmp_path: Path) -> None:
+    model = ir.from_proto(make_tiny_cnn())
+    with pytest.raises(BackendError, match="unknown option.*bogus"):
+        TVM_LLVM.build(model, tmp_path, {"bogus": 1})
+    with pytest.raises(BackendError, match="mcpu='not-a-cpu'"):
+        TVM_LLVM.build(model, tmp_path, {"mcpu": "not-a-cpu"})
+    with pytest.raises(BackendError, match="arch="):
+        TVM_CUDA.build(model, tmp_path, {"arch": "90"})
+
+
+def test_unsupported_op_is_named(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "w", "r"], ["y"], hidden_size=2)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [1, 8, 2], [0.0] * 16),
+                     helper.make_tensor("r", TensorProto.FLOAT, [1, 8, 2], [0.0] * 16)],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(slimgraph.errors.UnsupportedOpError, match="LSTM"):
+        TVM_LLVM.build(model, tmp_path, {})
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from tvm.runtime import cpu, load_module, tensor
+    from tvm.runtime.vm import VirtualMachine
+
+    root = sys.argv[1]
+    io = json.load(open(root + "/io.json"))
+    vm = VirtualMachine(load_module(root + "/" + io["library"]), cpu())
+    x = np.load(sys.argv[2])
+    np.save(sys.argv[3], vm[io["function"]](tensor(x)).numpy())
+    print(sorted(m for m in sys.modules if m.startswith("slimgraph") or m == "onnx"))
+    """
+)
+
+
+def test_library_runs_in_a_fresh_process_with_the_runtime_only(tmp_path: Path) -> None:
+    """Only tvm.runtime calls, no slimgraph or onnx import. (`import tvm` itself still loads the
+    compiler's Python packages: PyPI has no runtime-only TVM wheel.)"""
+    built = TVM_LLVM.build(ir.from_proto(make_tiny_cnn()), tmp_path / "art", {})
+    script = tmp_path / "run_so.py"
+    script.write_text(FRESH_PROCESS)
+    x = _image(3, seed=7)
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run(
+        [sys.executable, str(script), str(built.entry_path.parent), str(tmp_path / "x.npy"),
+         str(tmp_path / "y.npy")],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert _rel_err(np.load(tmp_path / "y.npy"), _ort_outputs({"image": x})[0]) < 1e-4
+
+
+def test_tvm_cuda_builds_without_a_gpu(tmp_path: Path) -> None:
+    assert TVM_CUDA.buildable()
+    built = TVM_CUDA.build(ir.from_proto(make_tiny_cnn()), tmp_path, {"arch": "sm_80"})
+    assert (tmp_path / "tvm-cuda" / "model.so").stat().st_size > 0
+    assert built.options["target"]["kind"] == "cuda"
+    assert built.options["target"]["arch"] == "sm_80"
+    if not TVM_CUDA.available():
+        assert "GPU" in TVM_CUDA.unavailable_reason()
+
+
+@pytest.mark.gpu
+def test_tvm_cuda_export_verifies(tiny_cnn_path: Path, tmp_path: Path) -> None:
+    if not TVM_CUDA.available():
+        pytest.skip(TVM_CUDA.unavailable_reason())
+    assert slimgraph.export(tiny_cnn_path, tmp_path / "out", backends=["tvm-cuda"]).passed
+
+
+@pytest.mark.slow
+def test_tuning_database_is_reused(tmp_path: Path) -> None:
+    """A tiny budget: this checks the plumbing (cache miss, then hit), not the speed."""
+    model = ir.from_proto(make_tiny_cnn())
+    options = {"tune": 16, "batch": 2, "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    first = TVM_LLVM.build(model, tmp_path / "a", dict(options))
+    tuning = first.options["tuning"]
+    assert tuning["cache"] == "miss" and tuning["trials"] == 16 and first.options["untuned"] is False
+    assert (tmp_path / "cache" / tuning["key"]).is_dir()
+    second = TVM_LLVM.build(model, tmp_path / "b", dict(options))
+    assert second.options["tuning"] == {**tuning, "cache": "hit"}
+    feeds = {"image": _image(3, seed=1)}
+    assert _rel_err(TVM_LLVM.load(second)(feeds)[0], _ort_outputs(feeds)[0]) < 1e-4
