@@ -10,6 +10,13 @@ output group. Connected elements form a *unit*, the channels removed together; u
 producers form a *group*. A unit that reaches anything the walk does not understand (a graph
 output, an unknown op, a Reshape that mixes channels) is blocked: pruning never guesses.
 
+Attention heads. A Reshape that splits the channel axis [.., H*D] into [.., H, D] makes each block
+of D consecutive channels one unit (a head) and carries the heads along axis H. A MatMul of two
+activations (Q @ K^T, softmax @ V) whose heads sit on a batch axis pairs them index by index, so
+the Q, K and V columns of head h unite; the Reshape that merges [.., H, D] back feeds the output
+projection, whose D rows per head join the same unit. Removing a head shrinks H in both Reshape
+shape constants; scores are computed per head, so the 1/sqrt(D) scale and the mask stay as they are.
+
 The walk also records everything a removal must touch: constants to slice (producer weights and
 biases, consumer weights, BatchNorm parameters, per-channel constants) and channel counts to
 recount (Conv ``group``, Reshape shapes, Split sizes, Slice bounds, Resize sizes).
@@ -34,6 +41,12 @@ _UNARY = frozenset({
     "Reciprocal", "Identity", "Dropout", "Cast", "Floor", "Ceil", "Round", "Sin", "Cos", "Sign",
     "ThresholdedRelu", "Shrink",
 })
+# Ops that move, copy or average values without changing them: a constant stays that constant.
+_CONST_LAYOUT = frozenset({
+    "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Concat", "Pad",
+    "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Resize", "ReduceMean",
+    "ReduceMax", "ReduceMin",
+})
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu"})
 _POOL = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
                    "GlobalLpPool"})
@@ -49,11 +62,18 @@ _CONST_UNARY: dict[str, Callable[[np.ndarray, ir.Node], np.ndarray]] = {
     "Tanh": lambda x, n: np.tanh(x),
     "Neg": lambda x, n: -x,
     "Abs": lambda x, n: np.abs(x),
+    "Gelu": lambda x, n: _gelu(x, n.attributes.get_string("approximate", "none")),
 }
 _CONST_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
     "Max": np.maximum, "Min": np.minimum,
 }
+
+
+def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / np.sqrt(2.0)))
 
 
 @dataclasses.dataclass
@@ -125,6 +145,7 @@ class ChannelGroup:
     units: list[int]
     blocked: list[int]
     reasons: list[str]
+    heads: bool = False  # units are attention heads (Q/K/V column blocks)
 
     @property
     def layers(self) -> list[str]:
@@ -203,6 +224,9 @@ class ChannelGroups:
         self.sinks: list[Sink] = []
         self.edits: list[CountEdit] = []
         self.producers: list[Producer] = []
+        # Head-split Reshape output -> (its input, head dim D); element -> D for head elements.
+        self.head_splits: dict[ir.Value, tuple[ir.Value, int]] = {}
+        self.head_dims: dict[int, int] = {}
         # For dead-channel folding: value -> (pieces of (input value, index array), pad value).
         self.gathers: dict[ir.Value, tuple[list[tuple[ir.Value, np.ndarray]], float | None]] = {}
         self._parent: list[int] = []
@@ -278,9 +302,11 @@ class ChannelGroups:
         by_root: dict[int, ChannelGroup] = {}
         for i, producer in enumerate(self.producers):
             by_root.setdefault(root(i), ChannelGroup([], [], [], [])).producers.append(producer)
+        head_units = {self.find(e) for e in self.head_dims}
         for unit in sorted(unit_spaces):
             group = by_root[root(min(unit_spaces[unit]))]
             group.units.append(unit)
+            group.heads |= unit in head_units
             if unit in blocked:
                 group.blocked.append(unit)
                 if blocked[unit] not in group.reasons:
@@ -749,12 +775,64 @@ class ChannelGroups:
         elif len(out_dims) == a + 1:
             if not self._merge_trailing(node, x, dims, a, new_axis=a):
                 return
-        else:
+        elif not self._split_heads(node, x, dims, out_dims):
             self._block(cmap.elems, why)
             return
         if shape[a] > 0:
             self.edits.append(CountEdit("entry", node, self.maps[node.outputs[0]].elems, index=1,
                                         position=a))
+
+    def _split_heads(self, node: ir.Node, x: ir.Value, dims: list[Any], out_dims: list[Any]
+                     ) -> bool:
+        """[.., H*D, rest] -> [.., H, D, rest]: each block of D channels is one head on axis H."""
+        cmap = self.maps[x]
+        a, n = cmap.axis, len(cmap.elems)
+        if len(out_dims) < a + 2:
+            return False
+        heads, head_dim = out_dims[a], out_dims[a + 1]
+        tails = [*dims[a + 1:], *out_dims[a + 2:]]
+        if not all(isinstance(d, int) for d in [heads, head_dim, *tails]):
+            return False
+        if head_dim < 2 or heads * head_dim != n:
+            return False
+        if math.prod(dims[a + 1:]) != math.prod(out_dims[a + 2:]):
+            return False
+        why = f"{layer_name(node)} splits heads that hold an unprunable channel"
+        blocks = cmap.elems.reshape(heads, head_dim)
+        for block in blocks:
+            for e in block[1:]:
+                self._union(int(block[0]), int(e), why)
+            if block[0] != FIXED:
+                self.head_dims[int(block[0])] = head_dim
+        self._set(node.outputs[0], a, blocks[:, 0])
+        self.head_splits[node.outputs[0]] = (x, head_dim)
+        return True
+
+    def _op_MatMul(self, node: ir.Node) -> None:
+        """A product of two activations (attention): heads on a batch axis pair index by index."""
+        out_rank = _rank(node.outputs[0])
+        ranks = [_rank(v) for v in node.inputs]
+        if out_rank is None or None in ranks or min(ranks) < 3:
+            self._block_inputs(node, f"{layer_name(node)} multiplies channels as a matrix")
+            return
+        first, fmap = self._mapped(node)
+        axis = fmap.axis + out_rank - ranks[node.inputs.index(first)]
+        why = f"{layer_name(node)} multiplies heads with an unprunable tensor"
+        for v, rank in zip(node.inputs, ranks, strict=True):
+            aligned = axis - (out_rank - rank)
+            if v in self.maps:
+                vmap = self.maps[v]
+                if vmap.axis != aligned or aligned >= rank - 2 or len(vmap.elems) != len(fmap.elems):
+                    self._block_inputs(node, f"{layer_name(node)} multiplies channels as a matrix")
+                    return
+                for a, b in zip(fmap.elems, vmap.elems, strict=True):
+                    self._union(int(a), int(b), why)
+                continue
+            dims = _dims(v)
+            if dims is None or (aligned >= 0 and dims[aligned] != 1):
+                self._block_inputs(node, why)
+                return
+        self._set(node.outputs[0], axis, fmap.elems)
 
     # -- constant channels (for exact dead-channel removal) -----------------------------------
 
@@ -775,6 +853,12 @@ class ChannelGroups:
             node = value.producer()
             if value in self._producer_of:
                 out = self._producer_constants(self._producer_of[value], consts)
+            elif value in self.head_splits:
+                # A head is constant only where all of its D channels hold the same constant.
+                src, head_dim = self.head_splits[value]
+                per_head = consts.get(src, np.full(n * head_dim, np.nan)).reshape(n, head_dim)
+                same = np.all(per_head == per_head[:, :1], axis=1)
+                out = np.where(same, per_head[:, 0], np.nan)
             elif value in self.gathers:
                 pieces, pad = self.gathers[value]
                 parts = []
@@ -790,8 +874,14 @@ class ChannelGroups:
                     out = _CONST_UNARY[node.op_type](out, node)
                 elif node.op_type == "Clip":
                     out = np.clip(out, *_clip_bounds(node))
-                elif node.op_type in _UNARY:
+                elif node.op_type not in _CONST_LAYOUT:  # Softmax, LayerNorm, ReduceSum, ...
                     out = np.full(n, np.nan)
+            elif node.op_type == "MatMul":
+                # A head that is all zeros in either factor is all zeros in the product.
+                out = np.full(n, np.nan)
+                for v in node.inputs:
+                    if v in consts:
+                        out = np.where(consts[v] == 0, 0.0, out)
             elif node.op_type in _CONST_BINARY:
                 operands = [self._operand_constants(node, v, cmap, consts) for v in node.inputs]
                 with np.errstate(all="ignore"):
@@ -864,7 +954,8 @@ def channel_groups(model: ir.Model) -> list[ChannelGroup]:
 
 
 def groups_json(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
-    """Groups as plain data: layers, channel count, prunable channels and why others are not."""
+    """Groups as plain data: layers, unit count (channels, or heads where ``heads``), prunable
+    units and why others are not."""
     return [{"layers": [f"{p.name} [{p.weight.name}]" for p in g.producers],
-             "channels": len(g.units),
+             "channels": len(g.units), "heads": g.heads,
              "prunable": len(g.units) - len(g.blocked), "blocked_by": g.reasons} for g in groups]

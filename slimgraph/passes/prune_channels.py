@@ -14,6 +14,14 @@ Importance pruning. Each unit is scored by the L1/L2 norm of every weight slice 
 (producer rows and consumer columns alike) or by its BatchNorm scales; within each group
 (``scope=layer``) or across groups after dividing by the group mean (``scope=global``), the
 lowest-scoring units go until ``ratio`` of them, or all but ``macs`` of the MACs, are gone.
+
+Attention heads. In a transformer graph the Q/K/V projections of one attention block form a group
+whose units are whole heads (D columns of each of Q, K, V with their biases, and D rows of the
+output projection). ``ratio`` applies to them like to any group (half the heads at 0.5);
+``heads=`` overrides it for head groups only: ``ratio=0.5,heads=0`` prunes FFN neurons and keeps
+every head, ``heads=0.5`` alone prunes only heads. Head groups are always pruned per layer (each
+attention block keeps at least one head) and ``round_to`` does not apply to them: a head count is
+already a multiple of D channels.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ class PruneChannelsPass(SlimgraphPass):
         self,
         ratio: float | None = None,
         macs: float | None = None,
+        heads: float | None = None,
         importance: str = "l2",
         round_to: int = 1,
         scope: str = "layer",
@@ -87,6 +96,9 @@ class PruneChannelsPass(SlimgraphPass):
         if macs is not None and not 0 < macs < 1:
             raise PipelineSpecError(f"{where}: macs (the fraction of MACs to keep) must be in "
                                     f"(0, 1), got {macs}")
+        if heads is not None and not 0 <= heads < 1:
+            raise PipelineSpecError(f"{where}: heads (the fraction of attention heads to remove) "
+                                    f"must be in [0, 1), got {heads}")
         if importance not in IMPORTANCES:
             raise PipelineSpecError(f"{where}: importance must be one of {', '.join(IMPORTANCES)}, "
                                     f"got {importance!r}")
@@ -96,16 +108,17 @@ class PruneChannelsPass(SlimgraphPass):
         if round_to < 1:
             raise PipelineSpecError(f"{where}: round_to must be >= 1, got {round_to}")
         self.ratio, self.macs, self.importance, self.round_to = ratio, macs, importance, round_to
+        self.heads = heads
         self.scope, self.protect, self.active, self.dead = scope, protect, active, dead
         self.needs_calibration = active
-        if ratio is not None or macs is not None:
+        if ratio is not None or macs is not None or heads:
             self.tolerance = LOSSY
         elif active:
             self.tolerance = CALIBRATED
         super().__init__()
 
     def options(self) -> dict[str, object]:
-        defaults = {"ratio": None, "macs": None, "importance": "l2", "round_to": 1,
+        defaults = {"ratio": None, "macs": None, "heads": None, "importance": "l2", "round_to": 1,
                     "scope": "layer", "protect": None, "active": False, "dead": True}
         opts = super().options()
         return {k: ("+".join(v) if isinstance(v, list) else v) for k, v in opts.items()
@@ -132,7 +145,7 @@ class PruneChannelsPass(SlimgraphPass):
             dead_relu = self._dead_relu(model, groups) if self.active else None
             removed, folds = plan.dead_units(groups.constant_channels(dead_relu))
             self.report.count("dead_channels", plan.element_count(removed))
-        if self.ratio is not None or self.macs is not None:
+        if self.ratio is not None or self.macs is not None or self.heads:
             if self.protect is None:
                 for producer in [p for p in groups.producers if p.node.op_type == "Conv"][:1]:
                     groups.block_producer(producer, f"first conv {producer.name!r} (protect=)")
@@ -140,6 +153,8 @@ class PruneChannelsPass(SlimgraphPass):
             pruned = self._importance_units(model, groups, plan, removed)
             self.report.count("pruned_channels", plan.element_count(pruned))
             removed |= pruned
+        if plan.head_units:
+            self.report.count("heads_removed", len(removed & plan.head_units))
         if not removed:
             return ir.passes.PassResult(model, False)
         channels_before = {p.name: len(p.elems) for p in groups.producers}
@@ -213,20 +228,20 @@ class PruneChannelsPass(SlimgraphPass):
             self.report.notes.append(
                 f"importance=bn: {plan.bn_missing} groups have no BatchNorm (folded?); "
                 "they are scored by L2 norm")
-        if self.ratio is not None:
-            return plan.select(self.ratio, scores, removed, self.scope, self.round_to)
+        if self.macs is None:
+            return plan.select(self.ratio, scores, removed, self.scope, self.round_to, self.heads)
         macs = _node_macs(model)
         total = sum(macs.values())
         low, high, best = 0.0, 0.99, set()
         for _ in range(20):
             mid = (low + high) / 2
-            chosen = plan.select(mid, scores, removed, self.scope, self.round_to)
+            chosen = plan.select(mid, scores, removed, self.scope, self.round_to, self.heads)
             if plan.estimate_macs(macs, removed | chosen) <= self.macs * total:
                 best, high = chosen, mid
             else:
                 low = mid
         if not best:
-            best = plan.select(high, scores, removed, self.scope, self.round_to)
+            best = plan.select(high, scores, removed, self.scope, self.round_to, self.heads)
             self.report.notes.append(f"macs={self.macs} is out of reach; pruned at ratio {high}")
         return best
 
@@ -262,6 +277,7 @@ class _Plan:
         self.find = groups.find
         self.blocked = groups.blocked_units()
         self.channel_groups: list[ChannelGroup] = groups.groups()
+        self.head_units = {u for g in self.channel_groups if g.heads for u in g.units}
         self.bn_missing = 0
         self.constraints: list[_Constraint] = []
         self._unit_constraints: dict[int, list[tuple[_Constraint, int]]] = {}
@@ -367,18 +383,24 @@ class _Plan:
                 self.bn_missing += 1
         return out
 
-    def select(self, ratio: float, scores: dict[int, float], already: set[int], scope: str,
-               round_to: int) -> set[int]:
-        """The units to prune so that each group (or all groups together) loses ``ratio``."""
+    def select(self, ratio: float | None, scores: dict[int, float], already: set[int], scope: str,
+               round_to: int, heads: float | None = None) -> set[int]:
+        """The units to prune so that each group (or all groups together) loses ``ratio``; head
+        groups lose ``heads`` of their heads each where it is given."""
         self._reset(already)
+
+        def fraction(group: ChannelGroup) -> float:
+            return (heads if group.heads and heads is not None else ratio) or 0.0
+
+        ranked_groups = [g for g in self.channel_groups if not (g.heads and heads is not None)]
         if scope == "global":
             ranked = []
-            for group in self.channel_groups:
+            for group in ranked_groups:
                 mean = np.mean([scores.get(u, 0.0) for u in group.units]) or 1.0
                 ranked += [(scores.get(u, 0.0) / mean, u, id(group)) for u in self._free(group, already)]
-            total = sum(len(g.units) for g in self.channel_groups if self._free(g, already))
+            total = sum(len(g.units) for g in ranked_groups if self._free(g, already))
             budget = {}
-            for _, _unit, gid in sorted(ranked)[: int(round(ratio * total))]:
+            for _, _unit, gid in sorted(ranked)[: int(round((ratio or 0.0) * total))]:
                 budget[gid] = budget.get(gid, 0) + 1
             self._reset(already)
         chosen: set[int] = set()
@@ -387,9 +409,10 @@ class _Plan:
             if not free:
                 continue
             n = len(group.units)
-            removing = budget.get(id(group), 0) if scope == "global" else round(n * ratio)
+            per_layer = scope == "layer" or (group.heads and heads is not None)
+            removing = round(n * fraction(group)) if per_layer else budget.get(id(group), 0)
             kept = n - removing
-            if round_to > 1:
+            if round_to > 1 and not group.heads:
                 kept = min(n, max(round_to, round(kept / round_to) * round_to))
             target = n - kept - sum(1 for u in group.units if u in already)
             for u in sorted(free, key=lambda u: (scores.get(u, 0.0), u)):

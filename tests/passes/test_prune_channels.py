@@ -381,6 +381,142 @@ def test_matmul_mlp_and_transpose_free_bias_add():
     assert _shape(model, "fc1") == (16, 16)
 
 
+def test_reduce_sum_of_a_constant_channel_is_not_that_constant():
+    # Relu(1.0) is 1 everywhere, but ReduceSum over 6x6 makes it 36: folding 1.0 would be wrong.
+    w1, b1 = _w(8, 3, 3, 3), _w(8)
+    w1[2], b1[2] = 0.0, 1.0
+    nodes = [_conv("conv1", "x", "c"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Gemm", ["s", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    model = _model(nodes, {"conv1_w": w1, "conv1_b": b1, "axes": np.array([2, 3], np.int64),
+                           "fc_w": _w(5, 8), "fc_b": _w(5)})
+    assert not _prune(model, protect=[])[1].modified
+
+
+# -- attention heads ---------------------------------------------------------------------------
+
+SEQ, HEADS, HEAD_DIM = 5, 4, 8
+EMBED = HEADS * HEAD_DIM
+SCALE = np.float32(1 / np.sqrt(HEAD_DIM))
+
+
+def _attention(masked: bool = True, **planted: int) -> ir.Model:
+    """A BERT layer as exported by torch: Q/K/V MatMul+Add, Reshape to heads, Transpose, scaled
+    QK^T with an additive (causal) mask, Softmax, @V, merge, output projection, residual; then a Gelu FFN.
+
+    ``planted``: ``zero_v``/``zero_q``/``zero_out`` zero one head's V columns (and bias), Q columns
+    (and bias) or output-projection rows; ``dead_ffn`` zeroes one FFN neuron.
+    """
+    inits = {f"{n}_{k}": v for n in "qkv" for k, v in (("w", _w(EMBED, EMBED)), ("b", _w(EMBED)))}
+    inits.update(o_w=_w(EMBED, EMBED), o_b=_w(EMBED), f1_w=_w(EMBED, 64), f1_b=_w(64),
+                 f2_w=_w(64, EMBED), f2_b=_w(EMBED), scale=SCALE,
+                 mask=np.triu(np.full((1, 1, SEQ, SEQ), -1e4, np.float32), 1),
+                 split=np.array([-1, SEQ, HEADS, HEAD_DIM], np.int64),
+                 merge=np.array([-1, SEQ, EMBED], np.int64))
+    for key, proj in (("zero_v", "v"), ("zero_q", "q")):
+        if key in planted:
+            cols = np.s_[planted[key] * HEAD_DIM:(planted[key] + 1) * HEAD_DIM]
+            inits[f"{proj}_w"][:, cols], inits[f"{proj}_b"][cols] = 0.0, 0.0
+    if "zero_out" in planted:
+        inits["o_w"][planted["zero_out"] * HEAD_DIM:(planted["zero_out"] + 1) * HEAD_DIM] = 0.0
+    if "dead_ffn" in planted:
+        inits["f1_w"][:, planted["dead_ffn"]], inits["f1_b"][planted["dead_ffn"]] = 0.0, 0.0
+    node = helper.make_node
+    nodes = []
+    for n in "qkv":
+        nodes += [node("MatMul", ["x", f"{n}_w"], [f"{n}_mm"], name=f"{n}_proj"),
+                  node("Add", [f"{n}_mm", f"{n}_b"], [f"{n}_lin"]),
+                  node("Reshape", [f"{n}_lin", "split"], [f"{n}_heads"], name=f"{n}_split")]
+    nodes += [node("Transpose", ["q_heads"], ["q_t"], perm=[0, 2, 1, 3]),
+              node("Transpose", ["k_heads"], ["k_t"], perm=[0, 2, 3, 1]),
+              node("Transpose", ["v_heads"], ["v_t"], perm=[0, 2, 1, 3]),
+              node("MatMul", ["q_t", "k_t"], ["scores"], name="qk"),
+              node("Mul", ["scores", "scale"], ["scaled"], name="scale"),
+              node("Add", ["scaled", "mask"], ["masked"]) if masked
+              else node("Identity", ["scaled"], ["masked"]),
+              node("Softmax", ["masked"], ["probs"], axis=-1),
+              node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"),
+              node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              node("Reshape", ["ctx_t", "merge"], ["ctx_m"], name="merge"),
+              node("MatMul", ["ctx_m", "o_w"], ["o_mm"], name="o_proj"),
+              node("Add", ["o_mm", "o_b"], ["o_lin"]),
+              node("Add", ["o_lin", "x"], ["h"]),
+              node("MatMul", ["h", "f1_w"], ["f1_mm"], name="ffn1"),
+              node("Add", ["f1_mm", "f1_b"], ["f1_lin"]),
+              node("Gelu", ["f1_lin"], ["f1_act"]),
+              node("MatMul", ["f1_act", "f2_w"], ["f2_mm"], name="ffn2"),
+              node("Add", ["f2_mm", "f2_b"], ["f2_lin"]),
+              node("Add", ["f2_lin", "h"], ["y"])]
+    return _model(nodes, inits, x_shape=(2, SEQ, EMBED), opset=20)
+
+
+ATTN_X = (2, SEQ, EMBED)
+
+
+def _kept_heads(model: ir.Model) -> int:
+    split = next(n for n in model.graph if n.name == "v_split").inputs[1].const_value.numpy()
+    return int(split[2])
+
+
+def test_attention_heads_form_one_group():
+    groups = ChannelGroups(_attention()).groups()
+    heads = [g for g in groups if g.heads]
+    assert [g.layers for g in heads] == [["q_proj", "k_proj", "v_proj"]]
+    assert len(heads[0].units) == HEADS and heads[0].prunable
+    assert next(g for g in groups if g.layers == ["ffn1"]).heads is False
+
+
+def test_zero_value_head_is_removed_exactly():
+    model = _attention(zero_v=2, dead_ffn=5)
+    p, result = _prune(model, x_shape=ATTN_X, protect=[])
+    assert result.modified and p.report.counts["heads_removed"] == 1
+    assert p.report.counts["dead_channels"] == 3 * HEAD_DIM + 1
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert _shape(model, name) == (EMBED, EMBED - HEAD_DIM)
+    assert _shape(model, "o_proj") == (EMBED - HEAD_DIM, EMBED)
+    assert _shape(model, "ffn1") == (EMBED, 63) and _kept_heads(model) == HEADS - 1
+    merge = next(n for n in model.graph if n.name == "merge").inputs[1].const_value.numpy()
+    assert merge.tolist() == [-1, SEQ, EMBED - HEAD_DIM]
+    scale = next(n for n in model.graph if n.name == "scale").inputs[1].const_value.numpy()
+    assert scale == SCALE
+
+
+def test_zero_output_rows_remove_their_head_exactly():
+    model = _attention(zero_out=0)
+    p, result = _prune(model, x_shape=ATTN_X, protect=[])
+    assert result.modified and _kept_heads(model) == HEADS - 1
+
+
+def test_zero_query_head_is_not_dead():
+    # Zero queries give uniform attention (Softmax of zeros), not a zero output.
+    assert not _prune(_attention(masked=False, zero_q=1), x_shape=ATTN_X, protect=[])[1].modified
+
+
+def test_head_importance_pruning():
+    model = _attention()
+    v_w = model.graph.initializers["v_w"].const_value.numpy().copy()
+    p, _ = _prune(model, x_shape=ATTN_X, exact=False, ratio=0.5, protect=[])
+    assert _kept_heads(model) == 2 and _shape(model, "ffn1") == (EMBED, 32)
+    assert p.report.counts["heads_removed"] == 2
+    new_v = next(n for n in model.graph if n.name == "v_proj").inputs[1].const_value.numpy()
+    kept = [h for h in range(HEADS) if any(np.array_equal(new_v[:, i * HEAD_DIM:(i + 1) * HEAD_DIM],
+                                                          v_w[:, h * HEAD_DIM:(h + 1) * HEAD_DIM])
+                                           for i in range(2))]
+    assert len(kept) == 2  # whole heads survive, not a mix of columns
+
+
+@pytest.mark.parametrize("options, heads, ffn", [
+    ({"heads": 0.5}, 2, 64),
+    ({"ratio": 0.5, "heads": 0.0}, HEADS, 32),
+    ({"ratio": 0.25, "heads": 0.75, "round_to": 8}, 1, 48),
+    ({"ratio": 0.5, "heads": 0.5, "scope": "global"}, 2, 32),
+])
+def test_heads_option(options, heads, ffn):
+    model = _attention()
+    _prune(model, x_shape=ATTN_X, exact=False, protect=[], **options)
+    assert _kept_heads(model) == heads and _shape(model, "ffn1")[1] == ffn
+
+
 # -- importance pruning and options ------------------------------------------------------------
 
 def test_ratio_keeps_the_largest_channels_and_protects_the_first_conv():
@@ -415,6 +551,8 @@ def test_global_scope_and_bn_importance_run():
     ("prune-channels:importance=l3", "importance must be one of"),
     ("prune-channels:scope=local", "scope must be one of"),
     ("prune-channels:round_to=0", "round_to"),
+    ("prune-channels:heads=1", "heads"),
+    ("prune-channels:heads=-0.5", "heads"),
     ("prune-channels:rate=0.5", "unknown option"),
 ])
 def test_bad_options(spec, message):
@@ -477,7 +615,8 @@ def test_resnet_tiny_dead_and_ratio(tmp_path):
 def test_inspect_groups(tiny_cnn_path, capsys):
     assert main(["inspect", str(tiny_cnn_path), "--groups", "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)["groups"]
-    assert groups == [{"layers": ["conv [conv_w]"], "channels": 8, "prunable": 8, "blocked_by": []}]
+    assert groups == [{"layers": ["conv [conv_w]"], "channels": 8, "heads": False, "prunable": 8,
+                       "blocked_by": []}]
 
 
 @pytest.mark.slow
@@ -505,3 +644,97 @@ def test_planted_dead_channels_in_resnet_tiny(tmp_path):
     for verification in result.verifications:
         for output in verification.outputs:
             assert output.max_rel_err <= 1e-5
+
+
+# -- planted dead channels in every built-in model -----------------------------------------------
+
+def _zero(value: ir.Value, index, fill: float = 0.0) -> None:
+    """Overwrite ``array[index]`` of a constant input with ``fill``."""
+    array = value.const_value.numpy().copy()
+    array[index] = fill
+    value.const_value = ir.tensor(array, name=value.name)
+
+
+def _node(model: ir.Model, op: str, reads: str) -> ir.Node:
+    """The ``op`` node that reads the value named ``reads``."""
+    return next(n for n in model.graph
+                if n.op_type == op and reads in [v.name for v in n.inputs if v is not None])
+
+
+def _plant_and_prune(name: str, plant, **options) -> PruneChannelsPass:
+    """Load a built-in, plant dead channels, prune; outputs must equal the planted model's."""
+    from slimgraph.backends.ort import session_for
+
+    loaded = slimgraph.load(name)
+    model = loaded.model
+    plant(model)
+    feeds = loaded.verification_feeds
+
+    def outputs(m: ir.Model) -> list[np.ndarray]:
+        session = session_for(ir.to_proto(m).SerializeToString())
+        return [session.run(None, feed)[0] for feed in feeds]
+
+    ref = outputs(model)
+    p = PruneChannelsPass(**options)
+    p.calibration = loaded.calibration
+    p(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    for out, expected in zip(outputs(model), ref, strict=True):
+        assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+    return p
+
+
+@pytest.mark.slow
+def test_planted_dead_channels_in_digits_cnn():
+    def plant(model: ir.Model) -> None:
+        init = model.graph.initializers
+        _zero(init["features.0.weight"], 3)  # BatchNorm is folded: a zero BN scale looks like this
+        _zero(init["features.0.bias"], 3, -0.3)  # Relu -> 0
+        _zero(init["features.4.weight"], 7)
+        _zero(init["features.4.bias"], 7, 0.5)  # Relu -> 0.5, MaxPool -> 0.5, folded into the Gemm
+        _zero(init["classifier.1.weight"], 11)  # Relu(bias) is a constant: folded into the last Gemm
+
+    p = _plant_and_prune("digits-cnn", plant, protect=[])
+    assert p.report.counts["dead_channels"] == 3
+
+
+@pytest.mark.slow
+def test_planted_dead_channels_in_mlp():
+    def plant(model: ir.Model) -> None:
+        init = model.graph.initializers
+        _zero(init["0.weight"], 10)
+        _zero(init["0.bias"], 10, -1.0)
+        _zero(init["2.weight"], 20)
+        _zero(init["2.bias"], 20, 0.7)  # Relu -> 0.7, folded into the last Gemm's bias
+        _zero(init["2.weight"], np.s_[:, 30])  # nobody reads neuron 30 of the first layer
+
+    assert _plant_and_prune("mlp", plant).report.counts["dead_channels"] == 3
+
+
+@pytest.mark.slow
+def test_lstm_has_nothing_to_prune():
+    # The LSTM op is opaque to the analysis; its only prunable layer feeds the graph output.
+    groups = ChannelGroups(slimgraph.load("lstm").model).groups()
+    assert not any(g.prunable for g in groups)
+    assert _plant_and_prune("lstm", lambda m: None).report.counts["dead_channels"] == 0
+
+
+@pytest.mark.slow
+def test_planted_dead_heads_and_neurons_in_minilm():
+    """A zero V head, zero output-projection rows for another head, a zero FFN neuron: exact."""
+    prefix = "encoder.encoder.layer"
+
+    def plant(model: ir.Model) -> None:
+        init = model.graph.initializers
+        v_add = _node(model, "Add", f"{prefix}.0.attention.self.value.bias")
+        _zero(v_add.inputs[0].producer().inputs[1], np.s_[:, 96:128])  # head 3 of layer 0
+        _zero(init[f"{prefix}.0.attention.self.value.bias"], np.s_[96:128])
+        o_add = _node(model, "Add", f"{prefix}.4.attention.output.dense.bias")
+        _zero(o_add.inputs[0].producer().inputs[1], np.s_[160:192])  # head 5 of layer 4
+        ffn_add = _node(model, "Add", f"{prefix}.2.intermediate.dense.bias")
+        _zero(ffn_add.inputs[0].producer().inputs[1], np.s_[:, 100])  # Gelu(0) = 0
+        _zero(init[f"{prefix}.2.intermediate.dense.bias"], 100)
+
+    p = _plant_and_prune("minilm", plant)
+    assert p.report.counts["heads_removed"] == 2
+    assert p.report.counts["dead_channels"] == 2 * 3 * 32 + 1
