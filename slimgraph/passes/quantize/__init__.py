@@ -22,11 +22,13 @@ from onnx_ir.passes import common
 from slimgraph.calibration import Feeds
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.quantize.calibrate import (
+    channel_absmax,
     collect_ranges,
     inputs_of,
     serialize,
     values_by_name,
 )
+from slimgraph.passes.quantize.divergence import Divergence, first_divergence
 from slimgraph.passes.quantize.int8 import (
     Int8Target,
     QParams,
@@ -44,6 +46,7 @@ from slimgraph.passes.quantize.layers import (
     quantizable_layers,
     weight_axis,
 )
+from slimgraph.passes.quantize.smooth import smooth_layers, smoothing_groups
 from slimgraph.passes.quantize.weight_only import (
     BINARY_WEIGHT_TAG,
     apply_weight_only,
@@ -73,12 +76,15 @@ _SPEED_ROUNDS = 5
 
 
 class InsertQDQPass(SlimgraphPass):
-    """Quantizes a model: ``int8`` static (calibrated QDQ) or ``dynamic=true``.
+    """Quantizes a model: ``int8`` static (calibrated QDQ) or ``dynamic=true``, ``int4``, ``binary``.
 
-    ``tolerance=`` (a minimum cosine to the float model on held-out calibration samples) turns on
-    the accuracy guard: layers are ranked by the error each causes alone and the worst stay float
-    until the tolerance holds. ``speed_check`` times the result against the float model in
-    onnxruntime and warns in the report when int8 is not faster.
+    ``smooth=ALPHA`` migrates activation outliers into MatMul/Gemm weights first (SmoothQuant,
+    exact in float). ``tolerance=`` (a minimum cosine to the float model on held-out calibration
+    samples) turns on the accuracy guard: layers are ranked by the error each causes alone and the
+    worst stay float (at most ``max_float`` of them) until the tolerance holds; if it cannot hold,
+    the report names the first tensor where the quantized and float models diverge.
+    ``speed_check`` times the result against the float model in onnxruntime and warns in the
+    report when int8 is not faster.
     """
 
     name = "quantize"
@@ -98,6 +104,8 @@ class InsertQDQPass(SlimgraphPass):
         exclude: list[str] | None = None,
         speed_check: bool = True,
         block: int = 32,
+        smooth: float | None = None,
+        max_float: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -109,6 +117,10 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         if tolerance is not None and not 0.0 < tolerance <= 1.0:
             raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+        if smooth is not None and not 0.0 < smooth <= 1.0:
+            raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1], got {smooth}")
+        if max_float is not None and max_float < 0:
+            raise ValueError(f"max_float is a number of layers >= 0, got {max_float}")
         if dynamic and activations == "s8":
             raise ValueError("dynamic=true quantizes activations to uint8 (DynamicQuantizeLinear)")
         self.mode = mode
@@ -128,9 +140,16 @@ class InsertQDQPass(SlimgraphPass):
         if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None):
             raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations and reduce_range "
                              "apply to int8")
+        if mode == "binary" and smooth is not None:
+            raise ValueError("smooth applies to int8 and int4: binary weights keep one scale per "
+                             "output channel, which a per-input-channel smoothing would break")
         self.block = block
         self.speed_check = speed_check
-        self.needs_calibration = (mode == "int8" and not dynamic) or tolerance is not None
+        self.smooth = smooth
+        self.max_float = max_float
+        self.needs_calibration = (
+            (mode == "int8" and not dynamic) or tolerance is not None or smooth is not None
+        )
         if mode == "int4":
             self.tolerance = INT4_TOLERANCE if tolerance is None else dataclasses.replace(
                 INT4_TOLERANCE, min_cosine=tolerance)
@@ -178,6 +197,8 @@ class InsertQDQPass(SlimgraphPass):
         float_model = model.clone() if (timed or self.guard_cosine is not None) else None
         feeds = list(self.calibration) if self.calibration is not None else []
         calib_feeds, held_out = _split(feeds)
+        if self.smooth is not None:
+            dtypes = self._smooth(model, set(layers) - set(self.exclude), calib_feeds)
 
         ranges: dict[str, tuple[float, float]] = {}
         static = self.mode == "int8" and not self.dynamic
@@ -194,7 +215,7 @@ class InsertQDQPass(SlimgraphPass):
 
         keep_float = set(self.exclude)
         if self.guard_cosine is not None:
-            keep_float = self._guard(model, build, keep_float, layers, held_out)
+            keep_float = self._guard(model, build, keep_float, layers, held_out, dtypes)
         counts = build(keep_float, model)
         self.report.count("layers_quantized", counts.layers)
         self.report.count("layers_float", len([x for x in layers if x in keep_float]))
@@ -217,8 +238,23 @@ class InsertQDQPass(SlimgraphPass):
         logger.info("quantize: %s", self.report.counts)
         return ir.passes.PassResult(model, counts.layers > 0)
 
+    def _smooth(self, model: ir.Model, layers: set[str], feeds: list[Feeds]) -> dict[str, ir.DataType]:
+        """SmoothQuant the MatMul/Gemm layers in place; returns the element types of the new graph."""
+        assert self.smooth is not None
+        if not feeds:
+            raise ValueError("smooth= needs calibration samples (per-channel activation maxima)")
+        groups = smoothing_groups(model.graph, layers)
+        absmax = channel_absmax(model, [x.name for x in groups], feeds)
+        smoothed = smooth_layers(model, groups, absmax, self.smooth)
+        self.report.count("layers_smoothed", smoothed)
+        self.report.notes.append(
+            f"smooth: alpha {self.smooth:g}, {smoothed} MatMul/Gemm layer(s) behind "
+            f"{len(groups)} Mul node(s)"
+        )
+        return _dtypes(model)
+
     def _guard(self, model, build, keep_float: set[str], layers: list[str],
-               held_out: list[Feeds]) -> set[str]:
+               held_out: list[Feeds], dtypes: dict[str, ir.DataType]) -> set[str]:
         """Keep the most sensitive layers float until the held-out cosine reaches the tolerance."""
         threshold = self.guard_cosine
         assert threshold is not None
@@ -243,7 +279,8 @@ class InsertQDQPass(SlimgraphPass):
             + ", ".join(f"{x}={errors[x]:.3g}" for x in ranked)
         )
         fallen: list[str] = []
-        for layer in ranked:
+        budget = len(ranked) if self.max_float is None else self.max_float
+        for layer in ranked[:budget]:
             keep_float = keep_float | {layer}
             fallen.append(layer)
             score = cosine(keep_float)
@@ -251,9 +288,17 @@ class InsertQDQPass(SlimgraphPass):
                 break
         verdict = "holds" if score >= threshold else "STILL MISSED"
         self.report.notes.append(
-            f"accuracy guard: kept float {', '.join(fallen)} -> cosine {score:.5f}, "
+            f"accuracy guard: kept float {', '.join(fallen) or 'nothing'} -> cosine {score:.5f}, "
             f"tolerance {threshold:g} {verdict}"
+            + (f" (max_float={self.max_float})" if len(fallen) == budget < len(ranked) else "")
         )
+        if score < threshold:
+            candidate = model.clone()
+            build(keep_float, candidate)
+            first = first_divergence(model, candidate, held_out, dtypes, threshold)
+            where = first.describe() if first else "no single tensor below the tolerance"
+            self.report.notes.append(f"accuracy guard: first diverging tensor: {where}")
+            logger.warning("quantize: tolerance %g missed; first diverging tensor: %s", threshold, where)
         return keep_float
 
     def _speed_guard(self, float_model: ir.Model, model: ir.Model, feeds: list[Feeds]) -> None:
@@ -352,6 +397,7 @@ def _range_candidates(model: ir.Model, dtypes: dict[str, ir.DataType], keep_floa
 
 __all__ = [
     "BINARY_WEIGHT_TAG",
+    "Divergence",
     "InsertQDQPass",
     "Int8Target",
     "QParams",
@@ -359,6 +405,7 @@ __all__ = [
     "binary_weight",
     "collect_ranges",
     "cpu_flags",
+    "first_divergence",
     "int8_target",
     "latency_ratio",
     "pack_signs",

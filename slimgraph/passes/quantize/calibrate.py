@@ -131,3 +131,15 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
             values[v.name] = v
     return values
 
+
+
+def channel_absmax(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds]) -> dict[str, np.ndarray]:
+    """max |x| per channel (the last axis) of each named float value over ``feeds``."""
+    session, outputs = probe_session(model, names)
+    absmax: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, array in zip(outputs, session.run(outputs, inputs_of(session, feed)), strict=True):
+            if array.size:
+                m = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0)
+                absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
+    return absmax

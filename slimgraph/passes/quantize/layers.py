@@ -21,8 +21,16 @@ def weight_axis(node: ir.Node) -> int:
 
 
 def layer_ids(graph: ir.Graph) -> dict[ir.Node, str]:
-    """A stable id per node: its name, or op type and position where it has none."""
-    return {node: node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph)}
+    """A stable id per node: its name, or ``OpType_i`` (the i-th node of that type) where it has none.
+
+    Counting per op type keeps the ids of layers when other nodes (a smoothing Mul) are inserted.
+    """
+    seen: dict[str, int] = {}
+    ids = {}
+    for node in graph:
+        i = seen[node.op_type] = seen.get(node.op_type, -1) + 1
+        ids[node] = node.name or f"{node.op_type}_{i}"
+    return ids
 
 
 def is_float_activation(value: ir.Value | None, dtypes: dict[str, ir.DataType]) -> bool:
