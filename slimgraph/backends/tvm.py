@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -37,6 +38,8 @@ IO_FILE = "io.json"
 DEFAULT_CACHE = Path.home() / ".cache" / "slimgraph" / "tvm"
 DEFAULT_CUDA_ARCH = "sm_90"
 TUNE_SEED = 0
+
+logger = logging.getLogger(__name__)
 
 
 def tvm_unavailable_reason() -> str | None:
@@ -153,6 +156,10 @@ class TvmBackend:
         config.pop("cache_dir")  # a local path; the tuning record says where the database is keyed
         config["target"] = json.loads(str(target))  # Target prints as its JSON dict
         config["untuned"] = not config["tune"]
+        if config["untuned"] and self.kind == "llvm":
+            # measured (benchmarks/results/tvm_vs_ort*.md): 5-40x slower than ort-cpu untuned
+            logger.warning("%s: untuned build (TVM default schedules), typically 5-40x slower "
+                           "than ort-cpu; add tune=N (e.g. tune=200) to run MetaSchedule", self.name)
         files = [f"{self.name}/{IO_FILE}", f"{self.name}/{LIBRARY_FILE}"]
         return BuiltArtifact(self.name, root, files, config, f"{self.name}/{IO_FILE}")
 
