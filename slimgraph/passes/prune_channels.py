@@ -19,9 +19,9 @@ Attention heads. In a transformer graph the Q/K/V projections of one attention b
 whose units are whole heads (D columns of each of Q, K, V with their biases, and D rows of the
 output projection). ``ratio`` applies to them like to any group (half the heads at 0.5);
 ``heads=`` overrides it for head groups only: ``ratio=0.5,heads=0`` prunes FFN neurons and keeps
-every head, ``heads=0.5`` alone prunes only heads. Head groups are always pruned per layer (each
-attention block keeps at least one head) and ``round_to`` does not apply to them: a head count is
-already a multiple of D channels.
+every head, ``heads=0.5`` alone prunes only heads. With ``heads=`` every attention block loses
+that fraction of its heads (``scope`` then ranks only the other groups); each block keeps at least
+one head, and ``round_to`` never applies to heads: a head count is already a multiple of D channels.
 """
 
 from __future__ import annotations
