@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.add_argument("--allow-mismatch", action="store_true",
                      help="keep the artifact even if verification exceeds the tolerance")
+    exp.add_argument("--build-only", action="store_true",
+                     help="also build backends that cannot run here (tvm-cuda without a GPU), "
+                          "unverified")
     _add_output_flags(exp)
 
     ins = sub.add_parser("inspect", help="ops, parameters, bytes and MACs of MODEL",
@@ -122,11 +125,12 @@ def _export(args: argparse.Namespace) -> int:
         result = slimgraph.export(
             args.model, args.out, passes=passes, backends=args.backend or ["ort-cpu"],
             calibration=args.calib, inputs=_inputs(args.input), force=args.force,
-            allow_mismatch=args.allow_mismatch, on_stage=on_stage,
+            allow_mismatch=args.allow_mismatch, build_only=args.build_only, on_stage=on_stage,
         )
     if args.json:
         print(json.dumps({"out": str(result.out), "passed": result.passed,
-                          "timings": result.timings, "manifest": result.manifest}, indent=2))
+                          "warnings": result.warnings, "timings": result.timings,
+                          "manifest": result.manifest}, indent=2))
     elif not args.quiet:
         _print_export(Console(), result)
     return 0 if result.passed else 1
@@ -142,12 +146,17 @@ def _print_export(console: Console, result) -> None:
     table = Table("backend", "output", "max abs err", "max rel err", "cosine", "top-1", "result")
     for name, entry in m["backends"].items():
         ver = entry["verification"]
+        if "skipped" in ver:
+            table.add_row(name, "-", "", "", "", "", "[yellow]not run[/]")
+            continue
         for o in ver["outputs"]:
             top1 = "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.4f}"
             table.add_row(name, o["name"], f"{o['max_abs_err']:.3g}", f"{o['max_rel_err']:.3g}",
                           f"{o['cosine']:.6f}", top1,
                           "[green]pass[/]" if ver["passed"] else "[red]FAIL[/]")
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
 
 

@@ -36,6 +36,17 @@ class ExportResult:
     verifications: list[VerificationResult]
     timings: dict[str, float]  # seconds per stage; kept out of the (byte-stable) artifact
     built: dict[str, BuiltArtifact] = dataclasses.field(default_factory=dict)  # by backend name
+    unverified: dict[str, str] = dataclasses.field(default_factory=dict)  # built, not run: why
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user must know about this artifact: unverified or untuned builds."""
+        out = [f"{name}: built but NOT verified ({why})" for name, why in self.unverified.items()]
+        for name, built in self.built.items():
+            if built.options.get("untuned"):
+                out.append(f"{name}: untuned build (default schedules); expect it slower than "
+                           "onnxruntime; pass tune=N to tune it")
+        return out
 
     @property
     def passed(self) -> bool:
@@ -52,19 +63,29 @@ def export(
     inputs: dict[str, Sequence[int]] | None = None,
     force: bool = False,
     allow_mismatch: bool = False,
+    build_only: bool = False,
     on_stage: StageCallback | None = None,
 ) -> ExportResult:
     """Export MODEL to an artifact directory ``out`` and verify every backend against the float
-    reference; raises VerificationError on a mismatch unless ``allow_mismatch``."""
+    reference; raises VerificationError on a mismatch unless ``allow_mismatch``.
+
+    ``build_only`` lets a backend that cannot run here but can be compiled (tvm-cuda without a
+    GPU) be built; its manifest entry then says it is unverified, and why.
+    """
     stage = on_stage or (lambda _name: None)
     timings: dict[str, float] = {}
     out = Path(out)
     pipeline = Pipeline.coerce(passes)
     built_specs = [parse_backend_spec(s) for s in backends]
     for backend, _ in built_specs:
-        if not backend.available():
+        if backend.available():
+            continue
+        if not (build_only and backend.buildable()):
+            hint = " (it can still be built unverified with --build-only)" if (
+                backend.buildable()) else ""
             raise SlimgraphError(
                 f"backend {backend.name!r} is unavailable here: {backend.unavailable_reason()}"
+                + hint
             )
     if out.exists() and not force:
         # Checked up front too, so a long export does not run only to be refused at the end.
@@ -100,6 +121,7 @@ def export(
 
     verifications: list[VerificationResult] = []
     built_by_name: dict[str, BuiltArtifact] = {}
+    unverified: dict[str, str] = {}  # backend -> why it was built but not run
     backend_entries: dict[str, Any] = {}
     with staged_dir(out, force=force) as root:
         from slimgraph.frontend.onnx_file import save_onnx
@@ -110,6 +132,14 @@ def export(
             stage(f"build {backend.name}")
             built = backend.build(ir_model, root, options)
             timings[f"build {backend.name}"] = time.perf_counter() - t
+            if not backend.available():
+                unverified[backend.name] = backend.unavailable_reason() or "cannot run here"
+                backend_entries[backend.name] = {
+                    "files": list(built.files), "options": built.options, "entry": built.entry,
+                    "verification": {"skipped": unverified[backend.name]},
+                }
+                built_by_name[backend.name] = built
+                continue
             t = time.perf_counter()
             stage(f"verify {backend.name}")
             result = verify(
@@ -148,7 +178,7 @@ def export(
         write_json(root / MANIFEST, manifest)
     for built in built_by_name.values():
         built.root = out  # the staging dir was renamed into place
-    return ExportResult(out, manifest, verifications, timings, built_by_name)
+    return ExportResult(out, manifest, verifications, timings, built_by_name, unverified)
 
 
 def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str, Any]:

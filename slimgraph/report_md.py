@@ -55,6 +55,9 @@ def render_report(manifest: dict[str, Any]) -> str:
     ]
     for name, entry in manifest["backends"].items():
         ver = entry["verification"]
+        if "skipped" in ver:
+            lines.append(f"| {name} | - | - | - | - | - | - | NOT RUN: {ver['skipped']} |")
+            continue
         for m in ver["outputs"]:
             top1 = "-" if m["top1_agreement"] is None else f"{m['top1_agreement']:.4f}"
             lines.append(
@@ -64,6 +67,10 @@ def render_report(manifest: dict[str, Any]) -> str:
             )
         for failure in ver["failures"]:
             lines.append(f"\n**{name}**: {failure}")
+    for name, entry in manifest["backends"].items():
+        if entry["options"].get("untuned"):
+            lines.append(f"\n**{name}**: untuned build (default schedules): measured 5-40x slower "
+                         "than onnxruntime on CPU; export with `tune=N` to tune it.")
     lines += ["", "## Versions", ""]
     lines += [f"- {k} {v}" for k, v in sorted(manifest["versions"].items())]
     return "\n".join(lines) + "\n"

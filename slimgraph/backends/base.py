@@ -36,6 +36,9 @@ class Backend(Protocol):
     def unavailable_reason(self) -> str | None:
         """Why ``available()`` is False, for `slimgraph backends`."""
 
+    def buildable(self) -> bool:
+        """Can it build here, even if it cannot run (code generation only)?"""
+
     def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
         """Write the backend's files under ``root`` (the artifact dir; model.onnx is already there)."""
 

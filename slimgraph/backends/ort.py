@@ -82,6 +82,10 @@ class OrtBackend:
             return "no CUDA GPU on this machine"
         return None
 
+    def buildable(self) -> bool:
+        """A session file is pointless to build where it cannot be verified."""
+        return self.available()
+
     def default_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "graph_optimization_level": "all",

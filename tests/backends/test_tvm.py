@@ -153,6 +153,22 @@ def test_tvm_cuda_builds_without_a_gpu(tmp_path: Path) -> None:
         assert "GPU" in TVM_CUDA.unavailable_reason()
 
 
+def test_export_build_only_marks_tvm_cuda_unverified(tiny_cnn_path: Path, tmp_path: Path) -> None:
+    if TVM_CUDA.available():
+        pytest.skip("this machine can run tvm-cuda")
+    with pytest.raises(slimgraph.SlimgraphError, match="--build-only"):
+        slimgraph.export(tiny_cnn_path, tmp_path / "refused", backends=["tvm-cuda"])
+    assert not (tmp_path / "refused").exists()
+    result = slimgraph.export(tiny_cnn_path, tmp_path / "out", backends=["ort-cpu", "tvm-cuda"],
+                              build_only=True)
+    entry = result.manifest["backends"]["tvm-cuda"]
+    assert "GPU" in entry["verification"]["skipped"]
+    assert "tvm-cuda/model.so" in entry["files"]
+    assert [v.backend for v in result.verifications] == ["ort-cpu"]
+    assert any("NOT verified" in w for w in result.warnings)
+    assert "NOT RUN" in (tmp_path / "out" / "report.md").read_text()
+
+
 @pytest.mark.gpu
 def test_tvm_cuda_export_verifies(tiny_cnn_path: Path, tmp_path: Path) -> None:
     if not TVM_CUDA.available():
