@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ class _Candidate:
     build_s: float
     artifact_bytes: int | None
     peer: bool = False
-    artifact_dir: Path | None = None
+    artifact_dir: Path | None = None  # an export dir, or a bare .onnx file (a peer's)
     make_worker: Callable[[int], Runner] | None = None  # a fresh runner with N threads
 
 
@@ -123,6 +124,7 @@ def bench(
         if peer not in DEFAULT_PEERS:
             raise PipelineSpecError(f"unknown peer {peer!r}; valid: {', '.join(DEFAULT_PEERS)}")
     wanted = [get_backend(b.partition(":")[0]) for b in backends]
+    machine = machine_facts(threads)  # before any runtime pins this process to fewer cores
     loaded = model if isinstance(model, LoadedModel) else load(model)
     evaluation = _evaluation(loaded, eval_data)
     rows: list[Row] = []
@@ -167,7 +169,7 @@ def bench(
                         row.peak_memory_mb = _peak_memory(c, feed, work, threads)
         _ratios_and_flags(rows, pipelines)
         result = BenchResult(str(loaded.source["name"]), _sorted(rows, variants),
-                             machine_facts(threads), settings, Path(out))
+                             machine, settings, Path(out))
         progress("write", 0, 1)
         from slimgraph.bench.render import render_markdown, render_plots
 
@@ -245,11 +247,25 @@ def _build_variant(loaded, variant, pipeline, usable, threads, dest, rows, batch
                 return runner_for(session_for(model_path, {"intra_op_num_threads": n,
                                                            "allow_spinning": False}))
         candidates.append(_Candidate(
-            variant, backend.name, backend.load(built),
+            variant, backend.name, _load_unpinned(backend, built),
             pass_s + result.timings.get(f"build {backend.name}", 0.0), size,
             artifact_dir=dest, make_worker=make_worker,
         ))
     return candidates
+
+
+def _load_unpinned(backend, built) -> Runner:
+    """Load a runner, then give the process back the cores it had.
+
+    TVM 0.27's runtime pins the calling thread to one core when its thread pool is configured
+    (threads=N), and every thread started later inherits that: the other candidates timed in this
+    process would run on one core.
+    """
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    runner = backend.load(built)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    return runner
 
 
 def _ort_quantizer_peers(fp32_onnx: Path, loaded: LoadedModel, threads: int, work: Path,
@@ -276,7 +292,8 @@ def _ort_quantizer_peers(fp32_onnx: Path, loaded: LoadedModel, threads: int, wor
                                                  "allow_spinning": False}))
 
         candidates.append(_Candidate(name, "ort-cpu", runner_for(session), build_s,
-                                     path.stat().st_size, peer=True, make_worker=make_worker))
+                                     path.stat().st_size, peer=True, artifact_dir=path,
+                                     make_worker=make_worker))
     return candidates
 
 
@@ -293,7 +310,8 @@ def _torch_peer(peer: str, loaded: LoadedModel, threads: int, rows: list[Row],
             rows.append(Row(FP32, peer, batch, "skipped", f"{type(exc).__name__}: {exc}",
                             peer=True))
         return []
-    return [_Candidate(FP32, peer, runner, build_s, None, peer=True)]
+    weight_bytes = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
+    return [_Candidate(FP32, peer, runner, build_s, weight_bytes, peer=True)]
 
 
 def _evaluation(loaded: LoadedModel, eval_data: Any):

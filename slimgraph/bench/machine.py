@@ -42,7 +42,9 @@ def machine_facts(threads: int) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
         "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": os.cpu_count(),
+        "cores_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count()),
         "threads": threads,
         "versions": package_versions(),
     }

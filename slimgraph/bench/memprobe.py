@@ -21,16 +21,21 @@ def _status_mib(field: str) -> float:
 def main(artifact: str, backend_name: str, feed_path: str, threads: str) -> None:
     from slimgraph.backends import get_backend
     from slimgraph.backends.base import BuiltArtifact
+    from slimgraph.backends.ort import runner_for, session_for
 
-    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
-    entry = manifest["backends"][backend_name]
     with np.load(feed_path, allow_pickle=False) as npz:
         feed = {k: npz[k] for k in npz.files}
     backend = get_backend(backend_name)
+    backend.available()  # imports the backend's runtime, which is not the artifact's cost
     baseline = _status_mib("VmRSS")  # runtimes imported, nothing loaded
-    built = BuiltArtifact(backend_name, Path(artifact), list(entry["files"]), entry["options"],
-                          entry["entry"])
-    run = backend.load(built)
+    if artifact.endswith(".onnx"):  # a bare model (a peer's), run on onnxruntime CPU
+        run = runner_for(session_for(artifact, {"intra_op_num_threads": int(threads)}))
+    else:
+        entry = json.loads((Path(artifact) / "manifest.json").read_text())["backends"][
+            backend_name]
+        built = BuiltArtifact(backend_name, Path(artifact), list(entry["files"]),
+                              entry["options"], entry["entry"])
+        run = backend.load(built)
     for _ in range(3):
         run(feed)
     peak = _status_mib("VmHWM")

@@ -6,9 +6,12 @@ quantize_static on the same fp32 graph — the tools users reach for today.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +63,29 @@ def ort_quantize(kind: str, fp32: Path, dest: Path, loaded: LoadedModel) -> Path
         quantize_static,
     )
 
-    if kind == "quantize_dynamic":
-        quantize_dynamic(fp32, dest, per_channel=True, weight_type=QuantType.QInt8)
-    elif kind == "quantize_static":
-        feeds = list(loaded.calibration or loaded.verification_feeds)
-        quantize_static(fp32, dest, _FeedsReader(feeds), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
-    else:
-        raise ValueError(kind)
+    # Its advice to pre-process goes to the root logger at WARNING; keep bench output readable.
+    with _root_log_level(logging.ERROR):
+        if kind == "quantize_dynamic":
+            quantize_dynamic(fp32, dest, per_channel=True, weight_type=QuantType.QInt8)
+        elif kind == "quantize_static":
+            feeds = list(loaded.calibration or loaded.verification_feeds)
+            quantize_static(fp32, dest, _FeedsReader(feeds), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        else:
+            raise ValueError(kind)
     return dest
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
 
 
 def probe_peak_memory(artifact: Path, backend: str, feed: Feeds, work: Path,
