@@ -252,11 +252,12 @@ def _inspect(args: argparse.Namespace) -> int:
         layers.add_row(layer.node, layer.op_type, f"{layer.macs:,}", f"{share:.1%}")
     console.print(layers)
     if groups is not None:
-        table = Table("group", "layers (coupled output channels)", "channels", "prunable",
+        table = Table("group", "layers (coupled output channels)", "units", "prunable",
                       "blocked by", title="channel groups (prune-channels)")
         for i, g in enumerate(groups):
-            table.add_row(str(i), ", ".join(g["layers"]), str(g["channels"]), str(g["prunable"]),
-                          "; ".join(g["blocked_by"]) or "-")
+            unit = "heads" if g.get("heads") else "channels"
+            table.add_row(str(i), ", ".join(g["layers"]), f"{g['channels']} {unit}",
+                          str(g["prunable"]), "; ".join(g["blocked_by"]) or "-")
         console.print(table)
     return 0
 
