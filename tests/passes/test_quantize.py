@@ -554,3 +554,26 @@ def test_smoothing_minilm_is_exact_in_float():
     assert smooth_layers(model, groups, absmax, 0.75) == 36
     batch = loaded.evaluation.feeds[0]
     np.testing.assert_allclose(_run(model, batch)[0], _run(reference, batch)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_int4_gemm_becomes_matmul_that_onnxruntime_runs_as_matmulnbits(tmp_path: Path):
+    proto = _mlp()  # fc1 MatMul, fc2 Gemm(transB=1, beta=0.5) with a bias
+    for gemm in proto.graph.node:
+        if gemm.op_type == "Gemm":
+            gemm.attribute.append(helper.make_attribute("alpha", 2.0))
+    w1 = np.random.default_rng(1).standard_normal((16, 32)).astype(np.float32)
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    model, qpass, _ = _quantize(proto, [], mode="int4", block=32)
+    assert qpass.report.counts["layers_quantized"] == 2
+    ops = _ops(model)
+    assert "Gemm" not in ops and ops.count("MatMul") == 2 and ops.count("DequantizeLinear") == 2
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    x = {"x": np.random.default_rng(3).standard_normal((8, 16)).astype(np.float32)}
+    assert _cosine(_run(proto, x)[0], _run(model, x)[0]) > 0.98
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    # fc2, the former Gemm, is fused; a DQ in front of a Gemm would be dequantized on every run.
+    assert "MatMulNBits" in fused and "Gemm" not in fused

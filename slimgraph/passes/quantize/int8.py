@@ -376,7 +376,7 @@ def apply_dynamic(model: ir.Model, dtypes: dict[str, ir.DataType], target: Int8T
             n.outputs[0].name, n.outputs[0].dtype = namer(f"{base}_{suffix}"), dtype
         new_nodes += [mm, cast, scale, out]
         result = out.outputs[0]
-        bias = _gemm_bias(graph, namer, node, base, new_nodes)
+        bias = gemm_bias(graph, namer, node, base, new_nodes)
         if bias is not None:
             add = ir.node("Add", [result, bias], name=namer(f"{base}_bias_Add"))
             add.outputs[0].dtype = FLOAT
@@ -396,7 +396,7 @@ def apply_dynamic(model: ir.Model, dtypes: dict[str, ir.DataType], target: Int8T
     return counts
 
 
-def _gemm_bias(
+def gemm_bias(
     graph: ir.Graph, namer: Namer, node: ir.Node, base: str, new_nodes: list[ir.Node]
 ) -> ir.Value | None:
     """``beta * C`` of a Gemm (folded into a new initializer when C is constant), else None."""
