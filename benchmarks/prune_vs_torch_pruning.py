@@ -54,40 +54,9 @@ EVAL_IMAGES = 256
 CALL_SECONDS = 0.02  # one timed call repeats a fast model's run to last about this long
 
 
-class ResNet18Cifar(nn.Module):
-    """ResNet-18 for 3x32x32: 3x3 stem, four stages of two basic blocks (64-512), pool, Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU())
-        blocks, in_ch = [], 64
-        for i, width in enumerate((64, 128, 256, 512)):
-            for j in range(2):
-                blocks.append(resnet_tiny.BasicBlock(in_ch, width, 2 if i > 0 and j == 0 else 1))
-                in_ch = width
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, 10)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.blocks(self.stem(image))).flatten(1))
-
-
 def make_resnet18() -> nn.Module:
-    """Seeded weights; BN affine random and running statistics from 256 synthetic images."""
-    torch.manual_seed(0)
-    module = ResNet18Cifar()
-    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in bns:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0.0, 0.1)
-            bn.momentum = None
-        module.train()
-        for batch in torch.from_numpy(resnet_tiny.synthetic_images(256, 0)).split(64):
-            module(batch)
-    return module.eval()
+    """The built-in `resnet18` module (ResNet-18 layout for 32x32 inputs, seeded weights)."""
+    return resnet_tiny.make_resnet_tiny(resnet_tiny.RESNET18_WIDTHS)
 
 
 def torch_pruning_peer(module: nn.Module, classifier: str = "fc", ratio: float = RATIO,

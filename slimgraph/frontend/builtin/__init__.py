@@ -42,11 +42,11 @@ class BuiltinModel:
     task: str  # "classification" (top-1 is meaningful), "embedding" or "regression"
 
 
-def _factory(module_name: str) -> Callable[[], BuiltinModel]:
-    """A factory that imports ``slimgraph.frontend.builtin.<module_name>`` and calls its build()."""
+def _factory(module_name: str, function: str = "build") -> Callable[[], BuiltinModel]:
+    """A factory that imports ``slimgraph.frontend.builtin.<module_name>`` and calls ``function``."""
 
     def build() -> BuiltinModel:
-        return importlib.import_module(f"{__name__}.{module_name}").build()
+        return getattr(importlib.import_module(f"{__name__}.{module_name}"), function)()
 
     return build
 
@@ -61,6 +61,10 @@ BUILTINS: dict[str, tuple[str, Callable[[], BuiltinModel]]] = {
     "resnet-tiny": (
         "ResNet-style CNN on 3x32x32 images, seeded random weights, synthetic data",
         _factory("resnet_tiny"),
+    ),
+    "resnet18": (
+        "ResNet-18 layout for 3x32x32 (CIFAR-style), seeded random weights, synthetic data",
+        _factory("resnet_tiny", "build_resnet18"),
     ),
     "minilm": (
         "all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised, 384-d)",

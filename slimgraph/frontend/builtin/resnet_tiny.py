@@ -1,4 +1,6 @@
-"""resnet-tiny: a small ResNet (stem, three stages of two basic blocks, global pool, Linear).
+"""resnet-tiny and resnet18: CIFAR-style ResNets (stem, stages of two basic blocks, global pool,
+Linear). resnet-tiny has widths 16/32/64; resnet18 is the ResNet-18 layout (64/128/256/512) that
+the pruning and quantization peers are compared on.
 
 Weights are seeded random; BatchNorm gets random affine parameters and running statistics
 estimated on synthetic images, so activations stay well scaled and BN folding has real work.
@@ -17,6 +19,7 @@ SEED = 0
 CALIBRATION_SEED = 1
 EVALUATION_SEED = 2
 WIDTHS = (16, 32, 64)
+RESNET18_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
 EVAL_BATCHES = 4
 EVAL_BATCH = 64
@@ -43,16 +46,16 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
-class ResNetTiny(nn.Module):
-    """[N, 3, 32, 32] image -> [N, 10] logits; stages at 32x32, 16x16 and 8x8."""
+class CifarResNet(nn.Module):
+    """[N, 3, 32, 32] image -> [N, 10] logits; each stage after the first halves the resolution."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, WIDTHS[0], 3, padding=1, bias=False), nn.BatchNorm2d(WIDTHS[0]), nn.ReLU()
+            nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
-        blocks, in_ch = [], WIDTHS[0]
-        for i, width in enumerate(WIDTHS):
+        blocks, in_ch = [], widths[0]
+        for i, width in enumerate(widths):
             for j in range(BLOCKS_PER_STAGE):
                 blocks.append(BasicBlock(in_ch, width, stride=2 if i > 0 and j == 0 else 1))
                 in_ch = width
@@ -69,10 +72,10 @@ def synthetic_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)
 
 
-def make_resnet_tiny() -> ResNetTiny:
+def make_resnet_tiny(widths: tuple[int, ...] = WIDTHS) -> CifarResNet:
     """The seeded model, BN statistics estimated on 128 synthetic images, in eval mode."""
     torch.manual_seed(SEED)
-    module = ResNetTiny()
+    module = CifarResNet(widths)
     batch_norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for bn in batch_norms:
@@ -97,15 +100,15 @@ def _evaluation() -> EvalData:
     return EvalData([{"image": b} for b in np.split(images, EVAL_BATCHES)], labels=None)
 
 
-def build() -> BuiltinModel:
+def build(name: str = "resnet-tiny", widths: tuple[int, ...] = WIDTHS) -> BuiltinModel:
     """The seeded ResNet with synthetic calibration and evaluation images (no labels)."""
-    module = make_resnet_tiny()
+    module = make_resnet_tiny(widths)
     return BuiltinModel(
-        name="resnet-tiny",
+        name=name,
         description=(
-            f"ResNet-style CNN (stem + 3 stages x {BLOCKS_PER_STAGE} basic blocks, widths "
-            f"{'/'.join(map(str, WIDTHS))}, 1x1-conv shortcuts on downsampling) on 3x32x32; "
-            "seeded random weights, synthetic standard-normal images, no labels"
+            f"ResNet-style CNN (stem + {len(widths)} stages x {BLOCKS_PER_STAGE} basic blocks, "
+            f"widths {'/'.join(map(str, widths))}, 1x1-conv shortcuts on downsampling) on "
+            "3x32x32; seeded random weights, synthetic standard-normal images, no labels"
         ),
         module=module,
         example_inputs=(torch.from_numpy(synthetic_images(2, CALIBRATION_SEED)),),
@@ -115,3 +118,8 @@ def build() -> BuiltinModel:
         evaluation=_evaluation,
         task="classification",
     )
+
+
+def build_resnet18() -> BuiltinModel:
+    """The ResNet-18 layout for 32x32 inputs (11.2 M parameters), seeded random weights."""
+    return build("resnet18", RESNET18_WIDTHS)
