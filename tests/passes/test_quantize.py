@@ -577,3 +577,37 @@ def test_int4_gemm_becomes_matmul_that_onnxruntime_runs_as_matmulnbits(tmp_path:
     fused = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
     # fc2, the former Gemm, is fused; a DQ in front of a Gemm would be dequantized on every run.
     assert "MatMulNBits" in fused and "Gemm" not in fused
+
+
+def test_int4_nbits_format_matches_the_qdq_form_in_onnxruntime():
+    proto = _mlp()
+    x = {"x": np.random.default_rng(3).standard_normal((8, 16)).astype(np.float32)}
+    qdq, _, _ = _quantize(proto, [], mode="int4", block=32)
+    nbits, qpass, modified = _quantize(proto, [], mode="int4", block=32, format="nbits")
+    assert modified and qpass.report.counts["layers_quantized"] == 2
+    nodes = [n for n in nbits.graph if n.op_type == "MatMulNBits"]
+    assert [n.domain for n in nodes] == ["com.microsoft"] * 2 and "MatMul" not in _ops(nbits)
+    assert nbits.opset_imports["com.microsoft"] == 1
+    fc1 = nodes[0]
+    assert {k: fc1.attributes.get_int(k) for k in ("K", "N", "bits", "block_size")} == {
+        "K": 16, "N": 32, "bits": 4, "block_size": 32}
+    assert fc1.inputs[1].const_value.numpy().shape == (32, 1, 16)  # [N, K blocks, block / 2]
+    assert [v.name for v in nbits.graph.outputs] == ["y"]
+    # onnxruntime fuses the QDQ form into MatMulNBits with int8 activations (accuracy_level 4);
+    # unoptimised, it decodes the same int4 weights exactly and multiplies in float.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(ir.to_proto(qdq).SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+    reference, decoded = _run(proto, x)[0], plain.run(None, x)[0]
+    np.testing.assert_allclose(_run(nbits, x)[0], decoded, rtol=1e-4, atol=1e-4)
+    assert _cosine(reference, _run(nbits, x)[0]) > 0.98
+    assert qpass.report.weight_bytes_after < qpass.report.weight_bytes_before / 3
+    assert not any("opset" in note for note in qpass.report.notes)  # MatMulNBits needs no opset 21
+
+
+def test_nbits_format_is_for_int4_only():
+    with pytest.raises(PipelineSpecError, match="applies to int4 only"):
+        Pipeline.parse("quantize:int8,format=nbits")
+    with pytest.raises(PipelineSpecError, match="unknown format 'gguf'"):
+        Pipeline.parse("quantize:int4,format=gguf")

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("int8", "int4", "binary")
 BLOCK_SIZES = (32, 64, 128)
+INT4_FORMATS = ("qdq", "nbits")
 CALIBRATORS = ("minmax", "percentile", "entropy")
 ACTIVATION_TYPES = ("auto", "u8", "s8")
 INT8_TOLERANCE = Tolerance(max_rel_err=0.25, min_cosine=0.99, min_top1=0.97)
@@ -84,7 +85,8 @@ class InsertQDQPass(SlimgraphPass):
     worst stay float (at most ``max_float`` of them) until the tolerance holds; if it cannot hold,
     the report names the first tensor where the quantized and float models diverge.
     ``speed_check`` times the result against the float model in onnxruntime and warns in the
-    report when int8 is not faster.
+    report when int8 is not faster. ``format=nbits`` writes int4 layers as onnxruntime's
+    com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul.
     """
 
     name = "quantize"
@@ -106,6 +108,7 @@ class InsertQDQPass(SlimgraphPass):
         block: int = 32,
         smooth: float | None = None,
         max_float: int | None = None,
+        format: str = "qdq",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -117,6 +120,10 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         if tolerance is not None and not 0.0 < tolerance <= 1.0:
             raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+        if format not in INT4_FORMATS:
+            raise ValueError(f"unknown format {format!r}; valid: {', '.join(INT4_FORMATS)}")
+        if format != "qdq" and mode != "int4":
+            raise ValueError("format=nbits (com.microsoft MatMulNBits) applies to int4 only")
         if smooth is not None and not 0.0 < smooth <= 1.0:
             raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1], got {smooth}")
         if max_float is not None and max_float < 0:
@@ -144,6 +151,7 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError("smooth applies to int8 and int4: binary weights keep one scale per "
                              "output channel, which a per-input-channel smoothing would break")
         self.block = block
+        self.format = format
         self.speed_check = speed_check
         self.smooth = smooth
         self.max_float = max_float
@@ -179,7 +187,7 @@ class InsertQDQPass(SlimgraphPass):
         if not quantizable_layers(model, _dtypes(model)):
             self.report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with a constant weight")
             return ir.passes.PassResult(model, False)
-        if self.mode == "int4" and model.opset_imports.get("", 1) < 21:
+        if self.mode == "int4" and self.format == "qdq" and model.opset_imports.get("", 1) < 21:
             from onnxscript.version_converter import convert_version
 
             # Blocked DequantizeLinear with INT4 weights exists from opset 21 on.
@@ -208,7 +216,7 @@ class InsertQDQPass(SlimgraphPass):
 
         def build(keep_float: set[str], into: ir.Model) -> Counts:
             if self.mode != "int8":
-                return apply_weight_only(into, self.mode, self.block, keep_float)
+                return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits")
             if self.dynamic:
                 return apply_dynamic(into, dtypes, target, keep_float)
             return apply_static(into, dtypes, ranges, target, keep_float)

@@ -2,10 +2,11 @@
 
 int4 (weight-only, MatMul/Gemm): blocks of ``block`` weights along K share a scale
 ``max|block| / 7``; the weight is a blocked DequantizeLinear of INT4 values (opset 21) feeding a
-MatMul (a Gemm is rewritten as MatMul + Add first). onnxruntime turns that pair into its contrib
-MatMulNBits kernel at load, so emitting MatMulNBits directly gains nothing: measured in
-``benchmarks/quantize_int4_nbits.py`` (minilm batch 16: blocked DQ 0.95x of fp32, MatMulNBits
-0.92x with int8 compute, 1.08x with fp32 compute; same cosine).
+MatMul (a Gemm is rewritten as MatMul + Add first). onnxruntime usually turns that pair into its
+contrib MatMulNBits kernel at load (all 36 layers of minilm), but not always (2 of 3 layers of the
+digits mlp stay DequantizeLinear + MatMul and dequantize on every run, 3-5x slower than fp32 at
+batch 1). ``format=nbits`` emits MatMulNBits directly (same values and scales, see
+``matmul_nbits``); measured in ``benchmarks/quantize_int4_nbits.py``.
 
 binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
 channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
@@ -168,8 +169,42 @@ def _gemm_to_matmul(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node:
     return matmul
 
 
-def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[str]) -> Counts:
-    """Replace each layer's float weight by a decode from int4 blocks or packed sign bits."""
+def matmul_nbits(graph: ir.Graph, namer: Namer, node: ir.Node, block: int) -> ir.Node:
+    """Replace ``MatMul(x, W[K, N])`` by com.microsoft MatMulNBits with the same int4 blocks.
+
+    MatMulNBits stores 4-bit values unsigned with zero point 8 (``q + 8``), two per byte with the
+    even element in the low nibble, column by column: B[N, K / block, block / 2] and one scale per
+    (column, block). ``accuracy_level`` 0 keeps the activations float.
+    """
+    w = node.inputs[1].const_value.numpy()
+    q, scales = quantize_int4_blocks(w, 0, block)
+    (k, n), blocks = w.shape, scales.shape[0]
+    unsigned = np.full((blocks * block, n), 8, np.uint8)  # padding decodes to 0
+    unsigned[:k] = q.astype(np.int16) + 8
+    columns = unsigned.T.reshape(n, blocks, block)
+    packed = (columns[..., 0::2] | (columns[..., 1::2] << 4)).astype(np.uint8)
+    name = node.inputs[1].name
+    b = add_initializer(graph, namer, f"{name}_nbits", packed)
+    s = add_initializer(graph, namer, f"{name}_nbits_scale", np.ascontiguousarray(scales.T).ravel())
+    nbits = ir.node("MatMulNBits", [node.inputs[0], b, s],
+                    {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 0},
+                    domain="com.microsoft", name=namer(f"{node.name or 'MatMul'}_nbits"))
+    nbits.outputs[0].dtype, nbits.outputs[0].shape = FLOAT, node.outputs[0].shape
+    graph.insert_before(node, nbits)
+    old = node.outputs[0]
+    out_name, is_output = old.name, old.is_graph_output()
+    old.replace_all_uses_with(nbits.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    nbits.outputs[0].name = out_name if is_output else namer(f"{out_name}_nbits")
+    return nbits
+
+
+def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[str],
+                      nbits: bool = False) -> Counts:
+    """Replace each layer's float weight by a decode from int4 blocks or packed sign bits.
+
+    With ``nbits`` int4 MatMuls become com.microsoft MatMulNBits nodes instead.
+    """
     graph = model.graph
     ids = layer_ids(graph)
     namer = Namer(graph)
@@ -186,6 +221,10 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
             continue
         if mode == "int4" and node.op_type == "Gemm":
             node, axis = _gemm_to_matmul(graph, namer, node), 0
+        if nbits and mode == "int4":
+            matmul_nbits(graph, namer, node, block)
+            counts.layers += 1
+            continue
         w = node.inputs[1]
         if (w, axis) not in decoded:
             if mode == "binary":
@@ -203,6 +242,8 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
             decoded[(w, axis)] = new_nodes[-1].outputs[0]
         node.replace_input_with(1, decoded[(w, axis)])
         counts.layers += 1
+    if nbits and counts.layers:
+        model.opset_imports.setdefault("com.microsoft", 1)
     common.RemoveUnusedNodesPass()(model)
     return counts
 
