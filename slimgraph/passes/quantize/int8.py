@@ -41,7 +41,9 @@ from slimgraph.passes.quantize.layers import (
     Counts,
     Namer,
     add_initializer,
+    add_stored_as,
     constant_weight,
+    fp16_ceil,
     is_float_activation,
     layer_ids,
     weight_axis,
@@ -113,13 +115,18 @@ def activation_qparams(low: float, high: float, dtype: ir.DataType) -> QParams:
 
 
 def quantize_weight(
-    weight: np.ndarray, axis: int, reduce_range: bool = False
+    weight: np.ndarray, axis: int, reduce_range: bool = False, half_scales: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 weights along ``axis``: (int8 values, float32 scales)."""
+    """Symmetric per-channel int8 weights along ``axis``: (int8 values, float32 scales).
+
+    ``half_scales`` rounds the scales up to float16 values (where all fit) before quantizing.
+    """
     qmax = 63 if reduce_range else 127
     moved = np.moveaxis(weight.astype(np.float64), axis, 0)
     amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
     scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    if half_scales:
+        scales = fp16_ceil(scales) if fp16_ceil(scales) is not None else scales
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.round(weight / scales.reshape(shape).astype(np.float64)), -qmax, qmax)
@@ -225,14 +232,19 @@ def apply_static(
             continue
         params[value] = activation_qparams(*ranges[key], target.activations)
 
+    shared: dict[QParams, tuple[ir.Value, ir.Value]] = {}  # one scale / zero point per value
     for value in placement.quantized:
         qp = params.get(value)
         if qp is None:
             continue
         base = value.name
-        scale = add_initializer(graph, namer, f"{base}_scale", np.array(qp.scale, np.float32))
-        zp = add_initializer(graph, namer, f"{base}_zero_point",
-                          np.array(qp.zero_point, _numpy_dtype(qp.dtype)))
+        if qp not in shared:
+            shared[qp] = (
+                add_initializer(graph, namer, f"{base}_scale", np.array(qp.scale, np.float32)),
+                add_initializer(graph, namer, f"{base}_zero_point",
+                                np.array(qp.zero_point, _numpy_dtype(qp.dtype))),
+            )
+        scale, zp = shared[qp]
         q = ir.node("QuantizeLinear", [value, scale, zp], name=namer(f"{base}_QuantizeLinear"))
         q.outputs[0].name = namer(f"{base}_quantized")
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp],
@@ -267,9 +279,12 @@ def apply_static(
         axis = weight_axis(node)
         w = node.inputs[1]
         if (w, axis) not in weights:
-            q, scales = quantize_weight(w.const_value.numpy(), axis, target.reduce_range)
+            q, scales = quantize_weight(w.const_value.numpy(), axis, target.reduce_range, True)
             wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
-            ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
+            if fp16_ceil(scales) is not None:
+                ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
+            else:
+                ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
             # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
             # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
             wz = None if node.op_type == "Conv" else add_initializer(
@@ -284,27 +299,23 @@ def apply_static(
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
         counts.layers += 1
-        x_params = params.get(node.inputs[0]) or params.get(_dq_source(node.inputs[0]))
-        if len(node.inputs) > 2 and x_params is not None:
-            counts.biases += _quantize_bias(graph, namer, node, x_params.scale * scales)
+        x_dq = node.inputs[0].producer()
+        if len(node.inputs) > 2 and x_dq is not None and x_dq.op_type == "DequantizeLinear":
+            counts.biases += _quantize_bias(graph, namer, node, x_dq.inputs[1], ws, scales)
     counts.joins = len(placement.int8_nodes) - len(placement.layers)
     common.RemoveUnusedNodesPass()(model)
     return counts
 
 
-def _dq_source(value: ir.Value) -> ir.Value | None:
-    """The float value a DequantizeLinear output stands for (input of the matching Q)."""
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
-        return None
-    q = dq.inputs[0].producer()
-    return q.inputs[0] if q is not None and q.op_type == "QuantizeLinear" else None
-
-
 def _quantize_bias(
-    graph: ir.Graph, namer: Namer, node: ir.Node, scales: np.ndarray
+    graph: ir.Graph, namer: Namer, node: ir.Node, x_scale: ir.Value, w_scales: ir.Value,
+    weight_scales: np.ndarray,
 ) -> int:
-    """Replace a 1-D float bias by DequantizeLinear(int32, s_x * s_w); 1 if done, else 0."""
+    """Replace a 1-D float bias by DequantizeLinear(int32, s_x * s_w); 1 if done, else 0.
+
+    The bias scale is not stored: a Mul of the two scale initializers computes it (in float32,
+    as here) and onnxruntime folds it at load. Integer biases that fit int16 are stored so.
+    """
     b = node.inputs[2]
     if b is None or b.const_value is None or b.const_value.dtype != FLOAT:
         return 0
@@ -313,15 +324,21 @@ def _quantize_bias(
     ):
         return 0
     bias = b.const_value.numpy().astype(np.float64)
-    if bias.shape != scales.shape:
+    if bias.shape != weight_scales.shape or x_scale.const_value is None:
         return 0
-    scales = scales.astype(np.float32)
+    scales = x_scale.const_value.numpy().astype(np.float32) * weight_scales.astype(np.float32)
     q = np.round(bias / scales.astype(np.float64))
     if np.abs(q).max(initial=0) >= 2**31 - 1 or (scales == 0).any():
         return 0
-    bq = add_initializer(graph, namer, f"{b.name}_quantized", q.astype(np.int32))
-    bs = add_initializer(graph, namer, f"{b.name}_scale", scales)
-    dq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0},
+    if np.abs(q).max(initial=0) <= np.iinfo(np.int16).max:
+        bq = add_stored_as(graph, namer, f"{b.name}_quantized", q.astype(np.int32), np.int16)
+    else:
+        bq = add_initializer(graph, namer, f"{b.name}_quantized", q.astype(np.int32))
+    mul = ir.node("Mul", [x_scale, w_scales], name=namer(f"{b.name}_scale_Mul"))
+    mul.outputs[0].name = namer(f"{b.name}_scale")
+    mul.outputs[0].dtype, mul.outputs[0].shape = FLOAT, b.shape
+    graph.insert_before(node, mul)
+    dq = ir.node("DequantizeLinear", [bq, mul.outputs[0]], {"axis": 0},
                  name=namer(f"{b.name}_DequantizeLinear"))
     dq.outputs[0].name = namer(f"{b.name}_dequantized")
     dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, b.shape

@@ -89,6 +89,35 @@ def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray)
     return value
 
 
+def add_stored_as(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray,
+                  stored: type) -> ir.Value:
+    """``array`` kept as a narrower ``stored`` initializer and widened back by a Cast at the top.
+
+    The Cast depends only on an initializer, so onnxruntime folds it at load (before its QDQ
+    fusion looks at the graph): the runtime sees ``array``; only the file is smaller. The caller
+    guarantees ``array`` round-trips exactly through ``stored``.
+    """
+    narrow = add_initializer(graph, namer, f"{base}_{np.dtype(stored).name}", array.astype(stored))
+    cast = ir.node("Cast", [narrow], {"to": ir.DataType.from_numpy(array.dtype)},
+                   name=namer(f"{base}_Cast"))
+    cast.outputs[0].name = namer(base)
+    cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.from_numpy(array.dtype), narrow.shape
+    graph.insert_before(graph[0], cast)
+    return cast.outputs[0]
+
+
+def fp16_ceil(values: np.ndarray) -> np.ndarray | None:
+    """The smallest float16 values >= ``values`` (as float32), or None outside float16's normal range.
+
+    Rounding scales up keeps ``|W| / s <= Q``: no weight clips.
+    """
+    if values.size == 0 or values.min() < np.finfo(np.float16).tiny or values.max() > 6e4:
+        return None
+    half = values.astype(np.float16)
+    half = np.where(half.astype(np.float32) < values, np.nextafter(half, np.float16(np.inf)), half)
+    return half.astype(np.float32)
+
+
 @dataclasses.dataclass
 class Counts:
     layers: int = 0
