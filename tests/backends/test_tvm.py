@@ -98,15 +98,23 @@ def test_unsupported_op_is_named(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("LSTM", ["x", "w", "r"], ["y"], hidden_size=2)], "g",
+        [helper.make_node("GRU", ["x", "w", "r"], ["y"], hidden_size=2)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [1, 8, 2], [0.0] * 16),
-                     helper.make_tensor("r", TensorProto.FLOAT, [1, 8, 2], [0.0] * 16)],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [1, 6, 2], [0.0] * 12),
+                     helper.make_tensor("r", TensorProto.FLOAT, [1, 6, 2], [0.0] * 12)],
     )
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(slimgraph.errors.UnsupportedOpError, match="LSTM"):
+    with pytest.raises(slimgraph.errors.UnsupportedOpError, match="GRU"):
         TVM_LLVM.build(model, tmp_path, {})
+
+
+def test_lstm_that_cannot_be_unrolled_says_why(tmp_path: Path) -> None:
+    from test_tvm_lstm import make_lstm
+
+    proto, _ = make_lstm(clip=2.0)
+    with pytest.raises(slimgraph.errors.UnsupportedOpError, match="LSTM node .*clip is set"):
+        TVM_LLVM.build(ir.from_proto(proto), tmp_path, {})
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -189,3 +197,25 @@ def test_tuning_database_is_reused(tmp_path: Path) -> None:
     assert second.options["tuning"] == {**tuning, "cache": "hit"}
     feeds = {"image": _image(3, seed=1)}
     assert _rel_err(TVM_LLVM.load(second)(feeds)[0], _ort_outputs(feeds)[0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_every_builtin_compiles_and_matches_onnxruntime(tmp_path: Path) -> None:
+    """fp32 bar of issue 6: 1e-4 relative to onnxruntime on the built-in's verification feeds."""
+    from slimgraph.backends.ort import runner_for
+    from slimgraph.frontend import load
+    from slimgraph.frontend.builtin import builtin_names
+
+    fixed_batch = {}
+    for name in builtin_names():
+        loaded = load(name)
+        built = TVM_LLVM.build(loaded.model, tmp_path / name, {})
+        run = TVM_LLVM.load(built)
+        reference = runner_for(session_for(ir.to_proto(loaded.model).SerializeToString()))
+        feeds = loaded.verification_feeds[0]
+        for got, want in zip(run(feeds), reference(feeds), strict=True):
+            assert got.shape == want.shape, name
+            assert _rel_err(got, want) < 1e-4, name
+        fixed_batch[name] = built.options["batch"]
+    # minilm's attention mask is computed from Shape ops: only a fixed batch imports
+    assert fixed_batch == {n: 1 if n == "minilm" else None for n in builtin_names()}

@@ -1,0 +1,101 @@
+"""Loading a built `.so` with the TVM runtime alone and running it on numpy feeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BackendError
+from slimgraph.verify import Runner
+
+LIBRARY_FILE = "model.so"
+IO_FILE = "io.json"
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    """One input or output as io.json records it."""
+
+    name: str
+    shape: list[int | str | None] | None  # str: a symbolic dim, None: unknown
+    dtype: str
+
+    @classmethod
+    def of(cls, value: ir.Value) -> TensorSpec:
+        shape = None if value.shape is None else [
+            d if isinstance(d, int) else (str(d) if d.value is not None else None)
+            for d in value.shape
+        ]
+        dtype = np.dtype(value.dtype.numpy()).name if value.dtype is not None else "float32"
+        return cls(value.name, shape, dtype)
+
+
+def load_runner(io_path: Path) -> Runner:
+    """A numpy runner for the artifact described by ``io.json``; uses only the TVM runtime."""
+    import tvm_ffi
+    from tvm.runtime import cpu, cuda, load_module, tensor
+    from tvm.runtime.vm import VirtualMachine
+
+    io = json.loads(Path(io_path).read_text())
+    if io.get("threads"):
+        # TVM's thread pool is per process: this applies to every TVM model in it.
+        tvm_ffi.get_global_func("runtime.config_threadpool")(0, int(io["threads"]))
+    device = cpu(0) if io["device"] == "cpu" else cuda(0)
+    try:
+        vm = VirtualMachine(load_module(str(Path(io_path).parent / io["library"])), device)
+    except Exception as exc:
+        raise BackendError(f"the TVM runtime cannot load {io_path.parent / io['library']}: {exc}") \
+            from exc
+    main = vm[io["function"]]
+    inputs = [TensorSpec(**s) for s in io["inputs"]]
+    batch = io["batch"]
+
+    def run_static(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [tensor(np.ascontiguousarray(feeds[s.name], dtype=s.dtype), device) for s in inputs]
+        result = main(*args)
+        results = [result] if hasattr(result, "numpy") else list(result)
+        return [r.numpy() for r in results]
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for spec in inputs:
+            if spec.name not in feeds:
+                raise BackendError(f"TVM model: missing input {spec.name!r}")
+            _check_shape(spec, feeds[spec.name].shape, batch)
+        if batch is None:
+            return run_static(feeds)
+        return _run_in_batches(run_static, feeds, [s.name for s in inputs], batch)
+
+    return run
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], batch: int | None) -> None:
+    expected = list(spec.shape)
+    ok = len(shape) == len(expected) and all(
+        isinstance(e, str) or e is None or e == s or (i == 0 and batch is not None)
+        for i, (e, s) in enumerate(zip(expected, shape, strict=False))
+    )
+    if not ok:
+        raise BackendError(f"TVM model: input {spec.name!r} has shape {list(shape)}, the "
+                           f"compiled model takes {expected}" +
+                           (f" (any batch, run {batch} at a time)" if batch else ""))
+
+
+def _run_in_batches(run_static, feeds: dict[str, np.ndarray], names: list[str],
+                    batch: int) -> list[np.ndarray]:
+    """Run a fixed-batch model on any batch: slices of ``batch`` rows, the last one padded."""
+    total = feeds[names[0]].shape[0]
+    pieces: list[list[np.ndarray]] = []
+    for start in range(0, total, batch):
+        chunk = {n: feeds[n][start:start + batch] for n in names}
+        rows = chunk[names[0]].shape[0]
+        if rows < batch:
+            chunk = {n: np.concatenate([v, np.repeat(v[-1:], batch - rows, axis=0)])
+                     for n, v in chunk.items()}
+        pieces.append([o[:rows] for o in run_static(chunk)])
+    return [np.concatenate(outs) for outs in zip(*pieces, strict=True)]
+
+
