@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import platform
@@ -152,9 +153,11 @@ def export(
             built_by_name[backend.name] = built
             backend_entries[backend.name] = _backend_entry(built, result)
             if not result.passed and not allow_mismatch:
+                where = _first_divergence(loaded, ir_model, pipeline.tolerance.min_cosine)
                 raise VerificationError(
                     f"{backend.name}: the artifact diverges from the float reference: "
                     + "; ".join(result.failures)
+                    + (f"; first diverging tensor: {where}" if where else "")
                     + " (pass --allow-mismatch to keep it anyway)"
                 )
         stage("write")
@@ -179,6 +182,25 @@ def export(
     for built in built_by_name.values():
         built.root = out  # the staging dir was renamed into place
     return ExportResult(out, manifest, verifications, timings, built_by_name, unverified)
+
+
+def _first_divergence(loaded: LoadedModel, model: ir.Model, min_cosine: float) -> str | None:
+    """Name the first tensor (in graph order) where the transformed graph leaves the source one.
+
+    A diagnostic for the error message only: if it cannot be computed, the error stands without it.
+    """
+    from slimgraph.passes.quantize.divergence import first_divergence
+
+    try:
+        reference = loaded.model.clone()
+        with contextlib.suppress(Exception):  # types then come from what the graph declares
+            ir.passes.common.ShapeInferencePass()(reference)
+        dtypes = {v.name: v.dtype for node in reference.graph for v in node.outputs}
+        found = first_divergence(reference, model, loaded.verification_feeds[:4], dtypes,
+                                 min_cosine)
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
+    return found.describe() if found else None
 
 
 def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str, Any]:

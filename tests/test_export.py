@@ -144,3 +144,22 @@ def test_a_loaded_model_is_reusable(tiny_cnn_path, tmp_path, monkeypatch):
     slimgraph.export(loaded, tmp_path / "a", passes="test-corrupt", allow_mismatch=True)
     assert [n.op_type for n in loaded.model.graph] == nodes
     assert slimgraph.export(loaded, tmp_path / "b").passed
+
+
+class _PerturbConvPass(SlimgraphPass):
+    """Adds large noise to the conv weights only: the first tensor to diverge is the conv output."""
+
+    name = "test-perturb-conv"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value = model.graph.initializers["conv_w"]
+        noise = np.random.default_rng(0).standard_normal(value.const_value.shape.numpy())
+        value.const_value = ir.Tensor((value.const_value.numpy() + noise).astype(np.float32))
+        return ir.passes.PassResult(model, True)
+
+
+def test_mismatch_names_the_first_diverging_tensor(tiny_cnn_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(PASSES, _PerturbConvPass.name, _PerturbConvPass)
+    with pytest.raises(VerificationError) as info:
+        slimgraph.export(tiny_cnn_path, tmp_path / "out", passes="test-perturb-conv")
+    assert "first diverging tensor: c (output of Conv conv)" in str(info.value)
