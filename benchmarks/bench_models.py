@@ -25,13 +25,13 @@ SUITE: dict[str, dict] = {
                  "peers": ["torch-eager", "ort-quantizers"],
                  "variants": ["fp32", "int8", "fold-constants,prune-channels:ratio=0.5"]},
     "mlp": {"backends": ["ort-cpu", "tvm-llvm"], "batches": [1, 16],
-            "variants": ["fp32", "int8", "fold-constants,quantize:int8,dynamic=true",
+            "variants": ["fp32", "int8", "int8-dynamic",
                          "fold-constants,quantize:int4", "fold-constants,quantize:binary"]},
     "lstm": {"backends": ["ort-cpu"], "batches": [1, 16],
-             "variants": ["fp32", "fold-constants,quantize:int8,dynamic=true"]},
+             "variants": ["fp32", "int8-dynamic"]},
     "minilm": {"backends": ["ort-cpu"], "batches": [1, 16], "repeat": 20,
                "peers": ["torch-eager", "ort-quantizers"],
-               "variants": ["fp32", "fold-constants,quantize:int8,dynamic=true", "int8",
+               "variants": ["fp32", "int8-dynamic", "int8",
                             "fold-constants,prune-channels:ratio=0.5"]},
 }
 

@@ -19,6 +19,9 @@ PASSES: dict[str, type[SlimgraphPass]] = {
 RECIPES: dict[str, str] = {
     "lossless": "fold-constants",
     "int8": "fold-constants,quantize:int8",
+    # Transformers: weights offline, activations at run time, outliers smoothed into the weights
+    # first (benchmarks/results/quantize_minilm.md: alpha 0.7-0.8 is best on MiniLM).
+    "int8-dynamic": "fold-constants,quantize:int8,dynamic=true,smooth=0.75",
 }
 
 
