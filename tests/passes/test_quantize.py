@@ -611,3 +611,35 @@ def test_nbits_format_is_for_int4_only():
         Pipeline.parse("quantize:int8,format=nbits")
     with pytest.raises(PipelineSpecError, match="unknown format 'gguf'"):
         Pipeline.parse("quantize:int4,format=gguf")
+
+
+def test_per_tensor_scale_only_where_per_channel_gains_nothing():
+    from slimgraph.passes.quantize.int8 import per_tensor_suffices
+
+    rng = np.random.default_rng(0)
+    even = rng.uniform(-1.0, 1.0, (16, 32)).astype(np.float32)
+    outlier = even.copy()
+    outlier[3] *= 50.0  # one channel 50x larger: a shared scale would flatten the others
+    assert per_tensor_suffices(even, 0)
+    assert not per_tensor_suffices(outlier, 0)
+
+
+@pytest.mark.parametrize("weight_scales", ["channel", "tensor"])
+def test_int8_overheads_are_computed_or_stored_narrow_and_stay_exact(weight_scales):
+    proto = make_tiny_cnn()
+    feeds = _image_feeds(16)
+    model, qpass, _ = _quantize(proto, feeds, weight_scales=weight_scales)
+    inits = model.graph.initializers
+    # Bias scales are s_x * s_w computed by a Mul; weight scales are float16 widened by a Cast.
+    assert not any(name.endswith("bias_scale") for name in inits)
+    assert any(v.const_value.dtype == ir.DataType.FLOAT16 for v in inits.values())
+    scales = [n.inputs[1].producer().inputs[0].const_value.numpy() for n in model.graph
+              if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+              and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+    assert all((s.ndim == 0) == (weight_scales == "tensor") for s in scales)
+    # The int8 graph after onnxruntime's folding equals the same graph evaluated naively.
+    for feed in feeds[:4]:
+        expected = _run(proto, feed)[0]
+        actual = _run(model, feed)[0]
+        assert _cosine(actual, expected) > 0.99
+    assert qpass.report.weight_bytes_after < qpass.report.weight_bytes_before

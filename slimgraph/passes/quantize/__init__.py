@@ -30,6 +30,7 @@ from slimgraph.passes.quantize.calibrate import (
 )
 from slimgraph.passes.quantize.divergence import Divergence, first_divergence
 from slimgraph.passes.quantize.int8 import (
+    WEIGHT_SCALES,
     Int8Target,
     QParams,
     activation_qparams,
@@ -86,7 +87,9 @@ class InsertQDQPass(SlimgraphPass):
     the report names the first tensor where the quantized and float models diverge.
     ``speed_check`` times the result against the float model in onnxruntime and warns in the
     report when int8 is not faster. ``format=nbits`` writes int4 layers as onnxruntime's
-    com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul.
+    com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul. ``weight_scales``
+    (static int8): ``channel``, ``tensor``, or ``auto`` (one scale where per-channel gains nothing,
+    see ``int8``).
     """
 
     name = "quantize"
@@ -109,6 +112,7 @@ class InsertQDQPass(SlimgraphPass):
         smooth: float | None = None,
         max_float: int | None = None,
         format: str = "qdq",
+        weight_scales: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -120,6 +124,8 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         if tolerance is not None and not 0.0 < tolerance <= 1.0:
             raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+        if weight_scales not in WEIGHT_SCALES:
+            raise ValueError(f"unknown weight_scales {weight_scales!r}; valid: {', '.join(WEIGHT_SCALES)}")
         if format not in INT4_FORMATS:
             raise ValueError(f"unknown format {format!r}; valid: {', '.join(INT4_FORMATS)}")
         if format != "qdq" and mode != "int4":
@@ -144,13 +150,15 @@ class InsertQDQPass(SlimgraphPass):
         self.exclude = list(exclude or [])
         if block not in BLOCK_SIZES:
             raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
-        if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None):
-            raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations and reduce_range "
-                             "apply to int8")
+        if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None
+                               or weight_scales != "auto"):
+            raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations, reduce_range "
+                             "and weight_scales apply to int8")
         if mode == "binary" and smooth is not None:
             raise ValueError("smooth applies to int8 and int4: binary weights keep one scale per "
                              "output channel, which a per-input-channel smoothing would break")
         self.block = block
+        self.weight_scales = weight_scales
         self.format = format
         self.speed_check = speed_check
         self.smooth = smooth
@@ -219,7 +227,7 @@ class InsertQDQPass(SlimgraphPass):
                 return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits")
             if self.dynamic:
                 return apply_dynamic(into, dtypes, target, keep_float)
-            return apply_static(into, dtypes, ranges, target, keep_float)
+            return apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)
 
         keep_float = set(self.exclude)
         if self.guard_cosine is not None:

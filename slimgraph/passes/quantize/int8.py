@@ -10,9 +10,14 @@ QuantizeLinear clamps negatives exactly as the Relu did.
 
 Weights (symmetric, per output channel c): ``s_c = max|W_c| / Q`` and ``W_q = clip(round(W / s_c),
 -Q, Q)``, Q = 127 (63 with ``reduce_range``: 7-bit weights keep u8 x s8 pair sums inside int16 on
-AVX2/AVX-512 CPUs without VNNI). The channel axis is where output channels live: Conv W[M, C, k..]
--> 0; Gemm W[N, K] (transB=1) -> 0, W[K, N] (transB=0) -> 1; MatMul W[K, N] -> 1. A bias b
-becomes int32 with scale ``s_x * s_c`` and zero point 0, the form onnxruntime's fused kernels take.
+AVX2/AVX-512 CPUs without VNNI). ``weight_scales=auto`` keeps one scale ``max|W| / Q`` for a
+layer whose relative weight error ``||W - s W_q|| / ||W||`` per tensor is at most
+``TENSOR_SCALE_SLACK`` times the per-channel one and below 1% (saves C scales and C zero points);
+static weight scales are rounded up to float16 values and stored so. The channel axis is where
+output channels live: Conv W[M, C, k..] -> 0; Gemm W[N, K] (transB=1) -> 0, W[K, N] (transB=0)
+-> 1; MatMul W[K, N] -> 1. A bias b becomes int32 with scale ``s_x * s_c`` and zero point 0, the
+form onnxruntime's fused kernels take; ``s_x * s_c`` is a Mul of the two scale initializers
+(folded at load), not stored.
 
 Placement is a global analysis (hand-written, not rewrite rules): the layers (Conv, Gemm, MatMul
 with a constant weight) are quantized; an Add, Concat or pooling joins them in int8 when one of its
@@ -133,6 +138,27 @@ def quantize_weight(
     return q.astype(np.int8), scales
 
 
+TENSOR_SCALE_SLACK = 1.5
+WEIGHT_SCALES = ("auto", "channel", "tensor")
+
+
+def _relative_error(weight: np.ndarray, q: np.ndarray, scales: np.ndarray, axis: int) -> float:
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    norm = float(np.linalg.norm(weight))
+    return float(np.linalg.norm(weight - q * scales.reshape(shape))) / norm if norm else 0.0
+
+
+def per_tensor_suffices(weight: np.ndarray, axis: int, reduce_range: bool = False) -> bool:
+    """Whether one scale for the whole weight loses nothing that matters (module docstring)."""
+    q, scales = quantize_weight(weight, axis, reduce_range)
+    whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
+    qt, st = quantize_weight(whole, 0, reduce_range)
+    per_channel = _relative_error(weight, q, scales, axis)
+    per_tensor = _relative_error(whole, qt, st, 0)
+    return per_tensor <= max(TENSOR_SCALE_SLACK * per_channel, 1e-6) and per_tensor < 0.01
+
+
 @dataclasses.dataclass
 class _Placement:
     """The int8 region: nodes that run in int8, values quantized, Relus folded into ranges."""
@@ -218,7 +244,7 @@ def _numpy_dtype(dtype: ir.DataType) -> type:
 
 def apply_static(
     model: ir.Model, dtypes: dict[str, ir.DataType], ranges: dict[str, tuple[float, float]],
-    target: Int8Target, keep_float: set[str],
+    target: Int8Target, keep_float: set[str], weight_scales: str = "auto",
 ) -> Counts:
     """Insert Q/DQ pairs and int8 weights for the static placement; returns what it did."""
     graph = model.graph
@@ -279,7 +305,17 @@ def apply_static(
         axis = weight_axis(node)
         w = node.inputs[1]
         if (w, axis) not in weights:
-            q, scales = quantize_weight(w.const_value.numpy(), axis, target.reduce_range, True)
+            weight = w.const_value.numpy()
+            tensor = weight_scales == "tensor" or (
+                weight_scales == "auto" and per_tensor_suffices(weight, axis, target.reduce_range))
+            if tensor:
+                whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
+                _, scales = quantize_weight(whole, 0, target.reduce_range, True)
+                qmax = 63 if target.reduce_range else 127
+                q = np.clip(np.round(weight / scales[0]), -qmax, qmax).astype(np.int8)
+                scales = scales.reshape(())
+            else:
+                q, scales = quantize_weight(weight, axis, target.reduce_range, True)
             wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
             if fp16_ceil(scales) is not None:
                 ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
@@ -288,11 +324,12 @@ def apply_static(
             # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
             # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
             wz = None if node.op_type == "Conv" else add_initializer(
-                graph, namer, f"{w.name}_zero_point", np.zeros(len(scales), np.int8)
+                graph, namer, f"{w.name}_zero_point", np.zeros(scales.shape, np.int8)
             )
             weights[(w, axis)] = (wq, ws, wz, scales)
         wq, ws, wz, scales = weights[(w, axis)]
-        dq = ir.node("DequantizeLinear", [wq, ws] + ([wz] if wz is not None else []), {"axis": axis},
+        dq = ir.node("DequantizeLinear", [wq, ws] + ([wz] if wz is not None else []),
+                     {"axis": axis} if scales.ndim else {},
                      name=namer(f"{w.name}_DequantizeLinear"))
         dq.outputs[0].name = namer(f"{w.name}_dequantized")
         dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, w.shape
@@ -324,10 +361,10 @@ def _quantize_bias(
     ):
         return 0
     bias = b.const_value.numpy().astype(np.float64)
-    if bias.shape != weight_scales.shape or x_scale.const_value is None:
+    if weight_scales.ndim and bias.shape != weight_scales.shape or x_scale.const_value is None:
         return 0
     scales = x_scale.const_value.numpy().astype(np.float32) * weight_scales.astype(np.float32)
-    q = np.round(bias / scales.astype(np.float64))
+    q = np.round(bias / np.broadcast_to(scales, bias.shape).astype(np.float64))
     if np.abs(q).max(initial=0) >= 2**31 - 1 or (scales == 0).any():
         return 0
     if np.abs(q).max(initial=0) <= np.iinfo(np.int16).max:
@@ -336,9 +373,9 @@ def _quantize_bias(
         bq = add_initializer(graph, namer, f"{b.name}_quantized", q.astype(np.int32))
     mul = ir.node("Mul", [x_scale, w_scales], name=namer(f"{b.name}_scale_Mul"))
     mul.outputs[0].name = namer(f"{b.name}_scale")
-    mul.outputs[0].dtype, mul.outputs[0].shape = FLOAT, b.shape
+    mul.outputs[0].dtype, mul.outputs[0].shape = FLOAT, ir.Shape(scales.shape)
     graph.insert_before(node, mul)
-    dq = ir.node("DequantizeLinear", [bq, mul.outputs[0]], {"axis": 0},
+    dq = ir.node("DequantizeLinear", [bq, mul.outputs[0]], {"axis": 0} if scales.ndim else {},
                  name=namer(f"{b.name}_DequantizeLinear"))
     dq.outputs[0].name = namer(f"{b.name}_dequantized")
     dq.outputs[0].dtype, dq.outputs[0].shape = FLOAT, b.shape
