@@ -124,8 +124,19 @@ class Pipeline:
 
 
 def _pass_spec(p: SlimgraphPass) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in p.options().items())
-    return f"{p.name}:{opts}" if opts else p.name
+    """The shortest spec that rebuilds ``p``: its mode, then the options that differ from defaults."""
+    params = inspect.signature(type(p).__init__).parameters
+    opts = p.options()
+    parts = []
+    if "mode" in opts:
+        parts.append(str(opts.pop("mode")))
+    for key, value in opts.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        empty = value in ([], ()) and default in (None, (), [])  # stored as a list when unset
+        if not empty and (default is inspect.Parameter.empty or value != default):
+            text = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            parts.append(f"{key}={text}")
+    return f"{p.name}:{','.join(parts)}" if parts else p.name
 
 
 def _add_option(entry: tuple[str, dict[str, Any], list[str]], token: str, spec: str) -> None:

@@ -120,3 +120,9 @@ def test_recipe_names_expand_in_specs():
     assert Pipeline.parse("int8").spec() == Pipeline.parse("fold-constants,quantize:int8").spec()
     assert [p.name for p in Pipeline.parse("lossless,quantize:int8").passes] == [
         "fold-constants", "quantize"]
+
+
+def test_spec_shows_only_what_differs_from_defaults():
+    spec = Pipeline.parse("quantize:int8,smooth=0.75").spec()
+    assert spec == "quantize:int8,smooth=0.75"
+    assert Pipeline.parse(spec).spec() == spec
