@@ -10,7 +10,8 @@ batch 1). ``format=nbits`` emits MatMulNBits directly (same values and scales, s
 
 binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
 channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
-and decoded by standard ops on initializers only (see ``_binary_decode``).
+and decoded by standard ops on initializers only (see ``_binary_decode``); alpha and the layer's
+bias are stored as float16 (a Cast widens them at load, folded like the decode).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from slimgraph.passes.quantize.layers import (
     Counts,
     Namer,
     add_initializer,
+    add_stored_as,
     constant_weight,
     layer_ids,
     weight_axis,
@@ -81,7 +83,8 @@ def _binary_decode(
     """Nodes that rebuild ``sign(W) * alpha`` from packed bits with standard ops.
 
     ``Unsqueeze(bits, [1]) >> [7..0] mod 2 -> Reshape(-1) -> Slice(0, n) -> Cast -> *2 - 1 ->
-    Reshape(W.shape) * alpha``; every input is an initializer, so runtimes fold it at load. The
+    Reshape(W.shape) * alpha``, alpha stored as float16 and widened by a Cast; every input is an
+    initializer, so runtimes fold it at load. The
     last Mul carries the metadata ``slimgraph.binary_weight`` = ``axis=A`` for backends.
     """
     weight = w.const_value.numpy()
@@ -99,9 +102,12 @@ def _binary_decode(
         "two": np.array(2, np.float32),
         "one": np.array(1, np.float32),
         "shape": np.array(weight.shape, np.int64),
-        "alpha": alpha.reshape(shape),
     }
     v = {k: add_initializer(graph, namer, f"{w.name}_binary_{k}", a) for k, a in const.items()}
+    half = alpha.reshape(shape).astype(np.float16)
+    v["alpha"] = (add_stored_as(graph, namer, f"{w.name}_binary_alpha", half.astype(np.float32), np.float16)
+                  if np.isfinite(half).all() and (half > 0).all() == (alpha > 0).all()
+                  else add_initializer(graph, namer, f"{w.name}_binary_alpha", alpha.reshape(shape)))
     steps = [
         ("Unsqueeze", [v["bits"], v["axes"]], {}, ir.DataType.UINT8),
         ("BitShift", [None, v["shifts"]], {"direction": "RIGHT"}, ir.DataType.UINT8),
@@ -124,6 +130,17 @@ def _binary_decode(
     nodes[-1].outputs[0].shape = w.shape
     nodes[-1].metadata_props[BINARY_WEIGHT_TAG] = f"axis={axis}"
     return nodes
+
+
+def _half_bias(graph: ir.Graph, namer: Namer, node: ir.Node) -> None:
+    """A binary layer's float bias, stored as float16 and widened by a Cast (folded at load)."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if b is None or b.const_value is None or b.const_value.dtype != FLOAT:
+        return
+    half = b.const_value.numpy().astype(np.float16)
+    if np.isfinite(half).all():
+        node.replace_input_with(2, add_stored_as(graph, namer, b.name, half.astype(np.float32),
+                                                 np.float16))
 
 
 def _weight_only_axis(node: ir.Node, mode: str) -> int | None:
@@ -241,6 +258,8 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
             graph.insert_before(node, new_nodes)
             decoded[(w, axis)] = new_nodes[-1].outputs[0]
         node.replace_input_with(1, decoded[(w, axis)])
+        if mode == "binary":
+            _half_bias(graph, namer, node)
         counts.layers += 1
     if nbits and counts.layers:
         model.opset_imports.setdefault("com.microsoft", 1)
