@@ -644,3 +644,20 @@ def test_int8_overheads_are_computed_or_stored_narrow_and_stay_exact(weight_scal
         actual = _run(model, feed)[0]
         assert _cosine(actual, expected) > 0.99
     assert qpass.report.weight_bytes_after < qpass.report.weight_bytes_before
+
+
+def test_binary_acts_match_a_numpy_xnor_reference():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    proto = _single_layer("Gemm", w, [3, 8], {})
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 6
+    model, _, modified = _quantize(proto, [], mode="binary", acts="binary")
+    assert modified and "Sign" in _ops(model)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    alpha = np.abs(w).mean(axis=0).astype(np.float16).astype(np.float32)
+    # XNOR-popcount: agreements minus disagreements of the sign bits, times alpha.
+    agree = (x[:, :, None] >= 0) == (w[None] >= 0)
+    expected = (2 * agree.sum(axis=1) - w.shape[0]) * alpha
+    np.testing.assert_allclose(_run(model, {"x": x})[0], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="acts=binary"):
+        InsertQDQPass(mode="int8", acts="binary")

@@ -89,7 +89,7 @@ class InsertQDQPass(SlimgraphPass):
     report when int8 is not faster. ``format=nbits`` writes int4 layers as onnxruntime's
     com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul. ``weight_scales``
     (static int8): ``channel``, ``tensor``, or ``auto`` (one scale where per-channel gains nothing,
-    see ``int8``).
+    see ``int8``). ``acts=binary`` (binary mode) feeds each binary layer ``Sign(x)`` (XNOR nets).
     """
 
     name = "quantize"
@@ -113,6 +113,7 @@ class InsertQDQPass(SlimgraphPass):
         max_float: int | None = None,
         format: str = "qdq",
         weight_scales: str = "auto",
+        acts: str = "float",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -159,6 +160,11 @@ class InsertQDQPass(SlimgraphPass):
                              "output channel, which a per-input-channel smoothing would break")
         self.block = block
         self.weight_scales = weight_scales
+        if acts not in ("float", "binary"):
+            raise ValueError(f"unknown acts {acts!r}; valid: float, binary")
+        if acts == "binary" and mode != "binary":
+            raise ValueError("acts=binary (sign activations, XNOR networks) applies to mode binary")
+        self.acts = acts
         self.format = format
         self.speed_check = speed_check
         self.smooth = smooth
@@ -224,7 +230,8 @@ class InsertQDQPass(SlimgraphPass):
 
         def build(keep_float: set[str], into: ir.Model) -> Counts:
             if self.mode != "int8":
-                return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits")
+                return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits",
+                                         self.acts == "binary")
             if self.dynamic:
                 return apply_dynamic(into, dtypes, target, keep_float)
             return apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)

@@ -11,7 +11,9 @@ batch 1). ``format=nbits`` emits MatMulNBits directly (same values and scales, s
 binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
 channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
 and decoded by standard ops on initializers only (see ``_binary_decode``); alpha and the layer's
-bias are stored as float16 (a Cast widens them at load, folded like the decode).
+bias are stored as float16 (a Cast widens them at load, folded like the decode). ``acts=binary``
+also binarises each binary layer's input, ``x_b = Sign(x)`` (0 stays 0), so the layer computes
+``alpha_c * (sign(W_c) . sign(x)) + b_c``: the XNOR-popcount product of XNOR networks.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def matmul_nbits(graph: ir.Graph, namer: Namer, node: ir.Node, block: int) -> ir
 
 
 def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[str],
-                      nbits: bool = False) -> Counts:
+                      nbits: bool = False, binary_acts: bool = False) -> Counts:
     """Replace each layer's float weight by a decode from int4 blocks or packed sign bits.
 
     With ``nbits`` int4 MatMuls become com.microsoft MatMulNBits nodes instead.
@@ -260,6 +262,12 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
         node.replace_input_with(1, decoded[(w, axis)])
         if mode == "binary":
             _half_bias(graph, namer, node)
+        if binary_acts:
+            sign = ir.node("Sign", [node.inputs[0]], name=namer(f"{ids[node]}_Sign"))
+            sign.outputs[0].name = namer(f"{node.inputs[0].name}_sign")
+            sign.outputs[0].dtype, sign.outputs[0].shape = FLOAT, node.inputs[0].shape
+            graph.insert_before(node, sign)
+            node.replace_input_with(0, sign.outputs[0])
         counts.layers += 1
     if nbits and counts.layers:
         model.opset_imports.setdefault("com.microsoft", 1)
