@@ -148,3 +148,19 @@ def test_passes_and_backends_listings(capsys):
     assert rows["ort-cuda"]["available"] is False or rows["ort-cuda"]["reason"] is None
     assert main(["backends"]) == 0
     assert "ort-cuda" in capsys.readouterr().out
+
+
+def test_calibration_that_does_not_fit_the_model(torch_models_module, tmp_path, capsys):
+    import numpy as np
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, pixels=np.zeros((4, 3, 16, 16), np.float32))
+    assert main(["export", f"{torch_models_module}:build_with_inputs", "--input", "image=2x3x16x16",
+                 "--calib", str(wrong), "-o", str(tmp_path / "o")]) == 2
+    assert "no array for input 'image'" in capsys.readouterr().err
+    bad_shape = tmp_path / "bad_shape.npz"
+    np.savez(bad_shape, image=np.zeros((4, 3, 8, 8), np.float32))
+    assert main(["export", f"{torch_models_module}:build_with_inputs", "--input", "image=2x3x16x16",
+                 "--calib", str(bad_shape), "-o", str(tmp_path / "o")]) == 2
+    assert "dim 2 is 8" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "o").exists()

@@ -142,6 +142,8 @@ def _load_torch(module, example, inputs: dict, calib: Calibration | None,
             raise InputSpecError(f"{label}: {len(example)} example inputs but --input names {names}")
     model = export_module(module, example, names, label=label)
     source["sha256"] = _proto_sha256(model)
+    if calib:
+        check_feed(model, calib.feeds[0], f"{label}: calibration data")
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else _example_feeds(
         names, example
     )
@@ -178,6 +180,8 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
         samples += next(iter(feed.values())).shape[0]
     if calib is None:
         calib = Calibration(builtin.calibration(64))
+    else:
+        check_feed(model, calib.feeds[0], f"{builtin.name}: calibration data")
     source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
     return LoadedModel(model, source, reference, feeds, calib, builtin.task, evaluation,
