@@ -9,8 +9,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
@@ -84,19 +86,55 @@ def test_fixed_batch_runs_any_batch(tmp_path: Path) -> None:
         run({"image": np.zeros((4, 3, 8, 8), np.float32)})
 
 
+def _at_offset(x: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``x`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    buffer = np.empty(x.nbytes + 128, np.uint8)
+    start = (-buffer.ctypes.data) % 64 + offset
+    out = buffer[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def test_runner_takes_any_alignment_and_outputs_are_the_callers(tmp_path: Path) -> None:
+    """Aligned inputs are passed without a copy, outputs come back without one: check both."""
+    run = load_runner(TVM_LLVM.build(ir.from_proto(make_tiny_cnn()), tmp_path, {}).entry_path)
+    x, y = _image(4, seed=5), _image(4, seed=6)
+    first = run({"image": _at_offset(x, 0)})[0]
+    kept = first.copy()
+    second = run({"image": _at_offset(y, 4)})[0]
+    np.testing.assert_array_equal(first, kept)  # not overwritten by the next call
+    assert _rel_err(first, _ort_outputs({"image": x})[0]) < 1e-4
+    assert _rel_err(second, _ort_outputs({"image": y})[0]) < 1e-4
+
+
+def test_output_that_is_an_input_is_copied(tmp_path: Path) -> None:
+    """The VM returns an Identity's input tensor itself: zero-copy in would alias the caller's."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    run = load_runner(TVM_LLVM.build(model, tmp_path, {}).entry_path)
+    x = _at_offset(np.arange(16, dtype=np.float32).reshape(2, 8), 0)
+    (y,) = run({"x": x})
+    x[...] = -1
+    np.testing.assert_array_equal(y, np.arange(16, dtype=np.float32).reshape(2, 8))
+
+
 def test_bad_options_name_the_option(tmp_path: Path) -> None:
     model = ir.from_proto(make_tiny_cnn())
     with pytest.raises(BackendError, match="unknown option.*bogus"):
         TVM_LLVM.build(model, tmp_path, {"bogus": 1})
     with pytest.raises(BackendError, match="mcpu='not-a-cpu'"):
         TVM_LLVM.build(model, tmp_path, {"mcpu": "not-a-cpu"})
+    with pytest.raises(BackendError, match="prepack='yes'"):
+        TVM_LLVM.build(model, tmp_path, {"prepack": "yes"})
     with pytest.raises(BackendError, match="arch="):
         TVM_CUDA.build(model, tmp_path, {"arch": "90"})
 
 
 def test_unsupported_op_is_named(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph(
         [helper.make_node("GRU", ["x", "w", "r"], ["y"], hidden_size=2)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2])],
@@ -184,19 +222,36 @@ def test_tvm_cuda_export_verifies(tiny_cnn_path: Path, tmp_path: Path) -> None:
     assert slimgraph.export(tiny_cnn_path, tmp_path / "out", backends=["tvm-cuda"]).passed
 
 
+def _one_gemm() -> onnx.ModelProto:
+    """x [N, 16] -> Gemm -> [N, 8]: one tuning task, so one MetaSchedule round."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        initializer=[numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
+                     numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 @pytest.mark.slow
 def test_tuning_database_is_reused(tmp_path: Path) -> None:
-    """A tiny budget: this checks the plumbing (cache miss, then hit), not the speed."""
-    model = ir.from_proto(make_tiny_cnn())
-    options = {"tune": 16, "batch": 2, "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    """A tiny budget: this checks the plumbing (cache miss, then hit, packed weights baked into
+    the library), not the speed."""
+    proto = _one_gemm()
+    model = ir.from_proto(proto)
+    options = {"tune": 8, "batch": 2, "cache_dir": str(tmp_path / "cache"), "threads": 1}
     first = TVM_LLVM.build(model, tmp_path / "a", dict(options))
     tuning = first.options["tuning"]
-    assert tuning["cache"] == "miss" and tuning["trials"] == 16 and first.options["untuned"] is False
+    assert tuning["cache"] == "miss" and tuning["trials"] == 8 and first.options["untuned"] is False
+    assert first.options["prepack"] is True
     assert (tmp_path / "cache" / tuning["key"]).is_dir()
     second = TVM_LLVM.build(model, tmp_path / "b", dict(options))
     assert second.options["tuning"] == {**tuning, "cache": "hit"}
-    feeds = {"image": _image(3, seed=1)}
-    assert _rel_err(TVM_LLVM.load(second)(feeds)[0], _ort_outputs(feeds)[0]) < 1e-4
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    (want,) = session_for(proto.SerializeToString()).run(None, {"x": x})
+    assert _rel_err(TVM_LLVM.load(second)({"x": x})[0], want) < 1e-4
 
 
 @pytest.mark.slow

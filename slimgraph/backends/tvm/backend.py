@@ -3,7 +3,8 @@
 Untuned builds use TVM's default schedules, which are far slower than onnxruntime on CPU;
 `tune=N` runs MetaSchedule for N trials (static shapes only: the batch is fixed to `batch=`,
 default 1) and keeps the tuning database under ~/.cache/slimgraph/tvm/<key>/, keyed by the model
-and target, so a second export of the same model reuses it.
+and target, so a second export of the same model reuses it. On CPU, ``prepack`` (default on) lets
+the tuner choose packed weight layouts, which are computed at build time and stored in the `.so`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class TvmBackend:
     def default_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"tune": 0, "batch": None, "cache_dir": str(DEFAULT_CACHE)}
         if self.kind == "llvm":
-            options |= {"mcpu": "host", "threads": 0}  # 0: the TVM runtime's default
+            options |= {"mcpu": "host", "threads": 0,  # 0: the TVM runtime's default
+                        "prepack": True}
         else:
             options |= {"arch": DEFAULT_CUDA_ARCH}
         return options
@@ -107,12 +109,12 @@ class TvmBackend:
                 raise
             # e.g. attention masks built from Shape ops: without a static batch the frontend
             # loses shapes that a later Reshape needs
+            mod = import_onnx(model, 1, self.name)
             batch = 1
             config["dynamic_batch_failed"] = str(exc)
             logger.warning("%s: the graph does not import with a dynamic batch (%s); compiled "
                            "for batch=1 instead, bigger batches run 1 row at a time (give "
                            "batch=N to compile for N rows)", self.name, exc)
-            mod = import_onnx(model, batch, self.name)
         config["batch"] = batch
         target = self._target(config)
         if config["tune"]:
@@ -168,6 +170,8 @@ class TvmBackend:
         for key in ("tune", "threads"):
             if key in config and (not isinstance(config[key], int) or config[key] < 0):
                 raise BackendError(f"{self.name}: {key}={config[key]!r} must be an integer >= 0")
+        if not isinstance(config.get("prepack", False), bool):
+            raise BackendError(f"{self.name}: prepack={config['prepack']!r} must be true or false")
         if config["batch"] is not None and (not isinstance(config["batch"], int)
                                             or config["batch"] < 1):
             raise BackendError(f"{self.name}: batch={config['batch']!r} must be an integer >= 1")

@@ -54,11 +54,26 @@ def load_runner(io_path: Path) -> Runner:
     inputs = [TensorSpec(**s) for s in io["inputs"]]
     batch = io["batch"]
 
+    on_cpu = io["device"] == "cpu"
+
+    def as_tensor(array: np.ndarray):
+        if on_cpu and array.ctypes.data % 64 == 0:
+            # zero-copy where the array is as aligned as TVM's own allocations (~15 us saved
+            # per input at batch 1, where onnxruntime takes ~40 us in all)
+            return tvm_ffi.from_dlpack(array, require_alignment=64, require_contiguous=True)
+        return tensor(array, device)
+
     def run_static(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = [tensor(np.ascontiguousarray(feeds[s.name], dtype=s.dtype), device) for s in inputs]
-        result = main(*args)
+        arrays = [np.ascontiguousarray(feeds[s.name], dtype=s.dtype) for s in inputs]
+        result = main(*[as_tensor(a) for a in arrays])
         results = [result] if hasattr(result, "numpy") else list(result)
-        return [r.numpy() for r in results]
+        if not on_cpu:
+            return [r.numpy() for r in results]
+        # each call allocates its outputs, so numpy may keep them without a copy; but an output
+        # that is a view of a zero-copy input (a Reshape of it) must not alias the caller's array
+        outputs = [np.from_dlpack(r) for r in results]
+        return [o.copy() if any(np.may_share_memory(o, a) for a in arrays) else o
+                for o in outputs]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         for spec in inputs:

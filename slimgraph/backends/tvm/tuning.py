@@ -56,11 +56,14 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
     if target.kind.name == "llvm":
         load_cpu_tensor_intrinsics()
     trials = config["tune"]
+    prepack = bool(config.get("prepack"))
     with target:
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             relax.get_pipeline("zero"),
+            # weights are layout-free: MetaSchedule may pick a packed layout for them
+            *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
         ])(mod)
     key = tuning_key(mod, target)
     work_dir = Path(config["cache_dir"]).expanduser() / key
@@ -76,8 +79,11 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
             ms.relax_integration.tune_relax(
                 mod, {}, target, str(work_dir),
                 max_trials_global=trials,
-                max_trials_per_task=max(16, -(-trials // max(len(tasks), 1))),
-                num_trials_per_iter=16,
+                # the task scheduler may give the costly tasks (convolutions) most of the budget,
+                # but every task gets at least one round first: an untried task keeps the
+                # default schedule, which is the slow one
+                max_trials_per_task=trials,
+                num_trials_per_iter=max(1, min(16, trials // max(len(tasks), 1))),
                 builder=ms.builder.LocalBuilder(
                     initializer=load_cpu_tensor_intrinsics if target.kind.name == "llvm" else None,
                     timeout_sec=120,
@@ -95,7 +101,15 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
         cache = "hit"
     database = ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)
     with target, database:
-        config["_tuned_mod"] = relax.transform.MetaScheduleApplyDatabase()(mod)
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if prepack:
+            # the layout rewrites become functions of the weights alone; the weights are bound
+            # constants, so FoldConstant runs the rewrites now and the library holds packed weights
+            mod = tvm.transform.Sequential([
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+            ])(mod)
+        config["_tuned_mod"] = mod
     return {**record, "trials_requested": trials, "cache": cache}
 
 
