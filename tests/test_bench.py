@@ -60,16 +60,8 @@ def test_flags_int8_slower_pruned_not_faster_and_divergence():
     rows = [_row(FP32, 1.0), _row("quantize:int8", 1.2), _row("prune", 0.99, cosine=0.5)]
     pipelines = {FP32: variant_pipeline(FP32)}
 
-    class _P:
-        def __init__(self, name):
-            self.name = name
-
-    class _Pipe:
-        def __init__(self, name):
-            self.passes = [_P(name)]
-
-    pipelines["quantize:int8"] = _Pipe("quantize")
-    pipelines["prune"] = _Pipe("prune-channels")
+    pipelines["quantize:int8"] = variant_pipeline("quantize:int8")
+    pipelines["prune"] = variant_pipeline("prune-channels:ratio=0.5")
     _ratios_and_flags(rows, pipelines)
     assert rows[0].flags == [] and rows[0].ratio_to_fp32 is None
     assert rows[1].ratio_to_fp32 == pytest.approx(1.2)

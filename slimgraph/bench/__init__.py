@@ -382,10 +382,11 @@ def _ratios_and_flags(rows: list[Row], pipelines: dict[str, Pipeline]) -> None:
         if base is not None and base is not r:
             r.ratio_to_fp32 = r.latency.p50_ms / base.latency.p50_ms
         pipeline = pipelines.get(r.variant)
-        lossy = r.variant.startswith("ort-quantize") or (
-            pipeline is not None and any(p.name in ("quantize",) for p in pipeline.passes))
-        if r.ratio_to_fp32 is not None and r.ratio_to_fp32 >= 1.0 and lossy:
-            r.flags.append(f"int8 not faster than fp32 ({r.ratio_to_fp32:.2f}x)")
+        modes = ["int8"] if r.variant.startswith("ort-quantize") else [
+            str(getattr(p, "mode", "")) for p in (pipeline.passes if pipeline else ())
+            if p.name == "quantize"]
+        if r.ratio_to_fp32 is not None and r.ratio_to_fp32 >= 1.0 and modes:
+            r.flags.append(f"{'+'.join(modes)} not faster than fp32 ({r.ratio_to_fp32:.2f}x)")
         pruned = pipeline is not None and any(p.name.startswith("prune") for p in pipeline.passes)
         if r.ratio_to_fp32 is not None and r.ratio_to_fp32 >= 0.95 and pruned:
             r.flags.append(f"pruned but not faster ({r.ratio_to_fp32:.2f}x)")
