@@ -41,13 +41,14 @@ def test_bench_onnx_file_writes_all_outputs(tiny_cnn_path, tmp_path):
 @pytest.mark.slow
 def test_bench_builtin_with_torch_peer_and_labels(tmp_path, capsys):
     code = main(["bench", "digits-cnn", "-o", str(tmp_path / "b"), "--repeat", "3", "--warmup",
-                 "1", "--peers", "torch-eager", "--no-memory", "--json"])
+                 "1", "--peers", "torch-eager", "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     backends = {r["backend"] for r in rows}
     assert backends == {"ort-cpu", "torch-eager"}
-    for r in rows:
+    for r in rows:  # every column filled, the torch peer's included
         assert r["task_accuracy"] is not None and r["task_accuracy"] > 0.9
+        assert r["peak_memory_mb"] is not None and r["artifact_bytes"] > 0
     peer = next(r for r in rows if r["backend"] == "torch-eager")
     assert peer["peer"] and peer["ratio_to_fp32"] is not None
 

@@ -87,7 +87,9 @@ class _Candidate:
     build_s: float
     artifact_bytes: int | None
     peer: bool = False
-    artifact_dir: Path | None = None  # an export dir, or a bare .onnx file (a peer's)
+    # An export dir, a bare .onnx file (onnxruntime's quantizers), or for torch peers the
+    # "builtin:NAME" / "torch:package.module:callable" the probe process rebuilds the module from.
+    artifact_dir: Path | str | None = None
     make_worker: Callable[[int], Runner] | None = None  # a fresh runner with N threads
 
 
@@ -147,7 +149,7 @@ def bench(
             candidates += _build_variant(loaded, variant, pipelines[variant], usable, threads,
                                          work / f"v{i}", rows, batches)
         fp32_onnx = next((c.artifact_dir / "model.onnx" for c in candidates
-                          if c.variant == FP32 and c.artifact_dir), None)
+                          if c.variant == FP32 and not c.peer and c.artifact_dir), None)
         int8_wanted = any(_is_int8(pipelines[v]) for v in variants)
         if "ort-quantizers" in peers and int8_wanted and fp32_onnx is not None:
             candidates += _ort_quantizer_peers(fp32_onnx, loaded, threads, work, rows, batches)
@@ -311,7 +313,10 @@ def _torch_peer(peer: str, loaded: LoadedModel, threads: int, rows: list[Row],
                             peer=True))
         return []
     weight_bytes = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
-    return [_Candidate(FP32, peer, runner, build_s, weight_bytes, peer=True)]
+    source = loaded.source
+    rebuild = f"{source['kind']}:{source['name']}" if source["kind"] in ("builtin", "torch") else None
+    return [_Candidate(FP32, peer, runner, build_s, weight_bytes, peer=True,
+                       artifact_dir=rebuild)]
 
 
 def _evaluation(loaded: LoadedModel, eval_data: Any):
