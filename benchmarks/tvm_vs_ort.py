@@ -1,10 +1,12 @@
 """tvm-llvm vs ort-cpu latency on built-in models, untuned and MetaSchedule-tuned.
 
-Both run with 2 threads in the same process, interleaved round by round (onnxruntime with
-spinning off so neither steals the other's cores); each figure is the median over rounds of
-the mean time per call within a round. Ratios > 1 mean TVM is slower.
+Both run with 2 threads in the same process, timed by ``slimgraph.bench.timing.interleaved``
+(rotating round-robin, onnxruntime with ``session.intra_op.allow_spinning`` = 0 so neither steals
+the other's cores); each figure is the median over calls. Ratios > 1 mean TVM is slower. The
+tuned build fixes the batch, runs MetaSchedule for ``--tune`` trials and (``prepack``, the
+default) lets it pick packed weight layouts, baked into the library.
 
-    .venv/bin/python benchmarks/tvm_vs_ort.py [--models digits-cnn,mlp] [--tune 64] [--batch 64]
+    .venv/bin/python benchmarks/tvm_vs_ort.py [--models digits-cnn,mlp] [--tune 200] [--batches 1,64]
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +23,13 @@ import onnx_ir as ir
 
 from slimgraph.backends.ort import runner_for, session_for
 from slimgraph.backends.tvm import TVM_LLVM, load_runner
+from slimgraph.bench.timing import interleaved
 from slimgraph.frontend import load
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
+SHARED_NOTE = ("2-core machine shared with other engineers' benchmarks and tuning runs while this "
+               "ran: absolute times are noisy, ratios (interleaved) less so")
 
 
 def _feeds(loaded, batch: int) -> dict[str, np.ndarray]:
@@ -33,27 +37,7 @@ def _feeds(loaded, batch: int) -> dict[str, np.ndarray]:
             for k, v in loaded.verification_feeds[0].items()}
 
 
-def _interleaved(runners: dict, feeds: dict, rounds: int, min_seconds: float) -> dict[str, float]:
-    """Median over rounds of the mean ms per call; each round runs every runner in turn."""
-    calls = {}
-    for name, run in runners.items():
-        run(feeds)
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < min_seconds:
-            run(feeds)
-            n += 1
-        calls[name] = max(n, 1)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                run(feeds)
-            samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def bench_model(name: str, batch: int, tune: int, cache_dir: str, rounds: int) -> dict:
+def bench_model(name: str, batch: int, tune: int, cache_dir: str, repeat: int) -> dict:
     loaded = load(name)
     model = loaded.model
     feeds = _feeds(loaded, batch)
@@ -75,9 +59,17 @@ def bench_model(name: str, batch: int, tune: int, cache_dir: str, rounds: int) -
             want = runners["ort-cpu"](feeds)[0]
             got = runners[label](feeds)[0]
             builds[label]["max_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
-        ms = _interleaved(runners, feeds, rounds, min_seconds=0.05)
+        calls = {k: (lambda run=run: run(feeds)) for k, run in runners.items()}
+        start = time.perf_counter()
+        for call in calls.values():
+            call()
+        # at most ~30 s of timed calls per row (untuned resnet-tiny at batch 64 takes seconds)
+        repeat = max(15, min(repeat, int(30 / (time.perf_counter() - start))))
+        latency = interleaved(calls, warmup=3, repeat=repeat)
+        ms = {k: v.p50_ms for k, v in latency.items()}
     return {
-        "model": name, "batch": batch, "ms": {k: round(v, 4) for k, v in ms.items()},
+        "model": name, "batch": batch, "repeat": repeat,
+        "ms": {k: round(v, 4) for k, v in ms.items()},
         "ratio_vs_ort": {k: round(v / ms["ort-cpu"], 2) for k, v in ms.items() if k != "ort-cpu"},
         "builds": builds,
     }
@@ -89,21 +81,23 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials (0: untuned only)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/slimgraph/tvm"))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=200, help="timed calls per candidate")
     parser.add_argument("--out", default="tvm_vs_ort")
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            row = bench_model(name, batch, args.tune, args.cache_dir, args.rounds)
+            row = bench_model(name, batch, args.tune, args.cache_dir, args.repeat)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = {"threads": THREADS, "tune_trials": args.tune, "rounds": args.rounds,
+    meta = {"threads": THREADS, "tune_trials": args.tune, "repeat": args.repeat,
+            "shared_machine": SHARED_NOTE,
             "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# tvm-llvm vs ort-cpu ({THREADS} threads, interleaved medians; ratio > 1: TVM slower)",
-             "", f"MetaSchedule trials for the tuned column: {args.tune or 'not run'}.", "",
+             "", f"MetaSchedule trials for the tuned column: {args.tune or 'not run'} (static batch, "
+             "weight prepack on).", "", f"Note: {SHARED_NOTE}.", "",
              "| model | batch | ort-cpu ms | TVM untuned ms (ratio) | TVM tuned ms (ratio) | tuning s |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -147,8 +147,9 @@ class TvmBackend:
         config["target"] = json.loads(str(target))  # Target prints as its JSON dict
         config["untuned"] = not config["tune"]
         if config["untuned"] and self.kind == "llvm":
-            # measured (benchmarks/results/tvm_vs_ort*.md): 5-40x slower than ort-cpu untuned
-            logger.warning("%s: untuned build (TVM default schedules), typically 5-40x slower "
+            # measured (benchmarks/results/tvm_vs_ort.md): 2-40x slower than ort-cpu untuned,
+            # 1-2.3x tuned with 200 trials
+            logger.warning("%s: untuned build (TVM default schedules), measured 2-40x slower "
                            "than ort-cpu; add tune=N (e.g. tune=200) to run MetaSchedule", self.name)
         files = [f"{self.name}/{IO_FILE}", f"{self.name}/{LIBRARY_FILE}"]
         return BuiltArtifact(self.name, root, files, config, f"{self.name}/{IO_FILE}")
