@@ -429,25 +429,29 @@ def apply_dynamic(model: ir.Model, dtypes: dict[str, ir.DataType], target: Int8T
                                  (scale, "scale", FLOAT), (out, "output", FLOAT)):
             n.outputs[0].name, n.outputs[0].dtype = namer(f"{base}_{suffix}"), dtype
         new_nodes += [mm, cast, scale, out]
-        result = out.outputs[0]
-        bias = gemm_bias(graph, namer, node, base, new_nodes)
-        if bias is not None:
-            add = ir.node("Add", [result, bias], name=namer(f"{base}_bias_Add"))
-            add.outputs[0].dtype = FLOAT
-            new_nodes.append(add)
-            result = add.outputs[0]
-        graph.insert_before(node, new_nodes)
-        old = node.outputs[0]
-        result.shape = old.shape
-        old_name = old.name
-        is_output = old.is_graph_output()
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        if is_output:
-            result.name = old_name
+        replace_gemm(graph, namer, node, base, new_nodes, out.outputs[0])
         counts.layers += 1
     common.RemoveUnusedNodesPass()(model)
     return counts
+
+
+def replace_gemm(graph: ir.Graph, namer: Namer, node: ir.Node, base: str,
+                 new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Finish rewriting Gemm ``node`` as ``new_nodes`` computing ``result``: add its bias, insert
+    the nodes, move every use (a graph output keeps its name) and drop the Gemm."""
+    bias = gemm_bias(graph, namer, node, base, new_nodes)
+    if bias is not None:
+        add = ir.node("Add", [result, bias], name=namer(f"{base}_bias_Add"))
+        add.outputs[0].dtype = FLOAT
+        new_nodes.append(add)
+        result = add.outputs[0]
+    graph.insert_before(node, new_nodes)
+    old = node.outputs[0]
+    result.shape, name, is_output = old.shape, old.name, old.is_graph_output()
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if is_output:
+        result.name = name
 
 
 def gemm_bias(

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from slimgraph.passes.quantize.int8 import gemm_bias
+from slimgraph.passes.quantize.int8 import replace_gemm
 from slimgraph.passes.quantize.layers import (
     FLOAT,
     LAYER_OPS,
@@ -170,21 +170,7 @@ def _gemm_to_matmul(graph: ir.Graph, namer: Namer, node: ir.Node) -> ir.Node:
     weight = add_initializer(graph, namer, f"{node.inputs[1].name}_kn", np.ascontiguousarray(w))
     matmul = ir.node("MatMul", [node.inputs[0], weight], name=namer(f"{base}_MatMul"))
     matmul.outputs[0].name, matmul.outputs[0].dtype = namer(f"{base}_matmul"), FLOAT
-    new_nodes = [matmul]
-    result = matmul.outputs[0]
-    bias = gemm_bias(graph, namer, node, base, new_nodes)
-    if bias is not None:
-        add = ir.node("Add", [result, bias], name=namer(f"{base}_bias_Add"))
-        add.outputs[0].dtype = FLOAT
-        new_nodes.append(add)
-        result = add.outputs[0]
-    graph.insert_before(node, new_nodes)
-    old = node.outputs[0]
-    result.shape, name, is_output = old.shape, old.name, old.is_graph_output()
-    old.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    if is_output:
-        result.name = name
+    replace_gemm(graph, namer, node, base, [matmul], matmul.outputs[0])
     return matmul
 
 
