@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -249,25 +248,11 @@ def _build_variant(loaded, variant, pipeline, usable, threads, dest, rows, batch
                 return runner_for(session_for(model_path, {"intra_op_num_threads": n,
                                                            "allow_spinning": False}))
         candidates.append(_Candidate(
-            variant, backend.name, _load_unpinned(backend, built),
+            variant, backend.name, backend.load(built),
             pass_s + result.timings.get(f"build {backend.name}", 0.0), size,
             artifact_dir=dest, make_worker=make_worker,
         ))
     return candidates
-
-
-def _load_unpinned(backend, built) -> Runner:
-    """Load a runner, then give the process back the cores it had.
-
-    TVM 0.27's runtime pins the calling thread to one core when its thread pool is configured
-    (threads=N), and every thread started later inherits that: the other candidates timed in this
-    process would run on one core.
-    """
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    runner = backend.load(built)
-    if cores is not None:
-        os.sched_setaffinity(0, cores)
-    return runner
 
 
 def _ort_quantizer_peers(fp32_onnx: Path, loaded: LoadedModel, threads: int, work: Path,

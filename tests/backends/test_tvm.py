@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,38 @@ def test_library_runs_in_a_fresh_process_with_the_runtime_only(tmp_path: Path) -
     )
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert _rel_err(np.load(tmp_path / "y.npy"), _ort_outputs({"image": x})[0]) < 1e-4
+
+
+KEEPS_AFFINITY = textwrap.dedent(
+    """
+    import os, sys, threading
+    import numpy as np
+    from slimgraph.backends.tvm import load_runner
+
+    run = load_runner(sys.argv[1])
+    run({"image": np.zeros((1, 3, 16, 16), np.float32)})
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+    thread.start()
+    thread.join()
+    print(sorted(os.sched_getaffinity(0)), sorted(seen[0]))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and >= 2 cores")
+def test_loading_with_threads_keeps_the_callers_cores(tmp_path: Path) -> None:
+    """TVM pins the thread that first configures its pool; load_runner gives the cores back, so
+    threads started later (torch, onnxruntime) are not confined to one core. A fresh process:
+    the pin happens once per process."""
+    built = TVM_LLVM.build(ir.from_proto(make_tiny_cnn()), tmp_path / "art", {"threads": 2})
+    script = tmp_path / "affinity.py"
+    script.write_text(KEEPS_AFFINITY)
+    done = subprocess.run([sys.executable, str(script), str(built.entry_path)], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    cores = sorted(os.sched_getaffinity(0))
+    assert done.stdout.strip().splitlines()[-1] == f"{cores} {cores}"
 
 
 def test_tvm_cuda_builds_without_a_gpu(tmp_path: Path) -> None:

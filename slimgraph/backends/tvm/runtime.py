@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +42,23 @@ def load_runner(io_path: Path) -> Runner:
     from tvm.runtime.vm import VirtualMachine
 
     io = json.loads(Path(io_path).read_text())
-    if io.get("threads"):
-        # TVM's thread pool is per process: this applies to every TVM model in it.
-        tvm_ffi.get_global_func("runtime.config_threadpool")(0, int(io["threads"]))
-    device = cpu(0) if io["device"] == "cpu" else cuda(0)
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        vm = VirtualMachine(load_module(str(Path(io_path).parent / io["library"])), device)
-    except Exception as exc:
-        raise BackendError(f"the TVM runtime cannot load {io_path.parent / io['library']}: {exc}") \
-            from exc
+        if io.get("threads"):
+            # TVM's thread pool is per process: this applies to every TVM model in it.
+            tvm_ffi.get_global_func("runtime.config_threadpool")(0, int(io["threads"]))
+        device = cpu(0) if io["device"] == "cpu" else cuda(0)
+        try:
+            vm = VirtualMachine(load_module(str(Path(io_path).parent / io["library"])), device)
+        except Exception as exc:
+            raise BackendError(f"the TVM runtime cannot load {io_path.parent / io['library']}: "
+                               f"{exc}") from exc
+    finally:
+        if cores is not None:
+            # TVM 0.27 pins the calling thread to one core the first time its thread pool is
+            # configured, and every thread started later inherits that (torch, onnxruntime ...):
+            # give the cores back. Calls do not pin again; TVM's own workers keep theirs.
+            os.sched_setaffinity(0, cores)
     main = vm[io["function"]]
     inputs = [TensorSpec(**s) for s in io["inputs"]]
     batch = io["batch"]
