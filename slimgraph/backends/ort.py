@@ -21,6 +21,11 @@ from slimgraph.verify import Runner
 
 MODEL_FILE = "model.onnx"
 
+# Fusions whose CPU kernels are slower than the ops they replace (onnxruntime 1.32, measured by
+# benchmarks/ort_fusions.py): SkipLayerNormalization takes ~2.0 ms on a 16x64x384 tensor where
+# Add + Add + LayerNormalization take ~0.4 ms, which cost int8 MiniLM a fifth of its run time.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
 
 def session_options(config: dict[str, Any]) -> ort.SessionOptions:
     """SessionOptions from a session.json dict."""
@@ -45,12 +50,19 @@ def session_options(config: dict[str, Any]) -> ort.SessionOptions:
 
 def session_for(model: bytes | str | Path, config: dict[str, Any] | None = None,
                 providers: list | None = None) -> ort.InferenceSession:
-    """An InferenceSession on a serialized model or a path, CPU unless ``providers`` say otherwise."""
+    """An InferenceSession on a serialized model or a path, CPU unless ``providers`` say otherwise.
+
+    ``config["disabled_optimizers"]`` names onnxruntime graph transformers to skip; without it, a
+    CPU-only session skips ``CPU_DISABLED_OPTIMIZERS``.
+    """
     config = config or {}
+    providers = providers or ["CPUExecutionProvider"]
+    cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
+    disabled = config.get("disabled_optimizers", list(CPU_DISABLED_OPTIMIZERS) if cpu_only else [])
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(
-        source, sess_options=session_options(config),
-        providers=providers or ["CPUExecutionProvider"],
+        source, sess_options=session_options(config), providers=providers,
+        disabled_optimizers=list(disabled) or None,
     )
 
 
@@ -91,6 +103,8 @@ class OrtBackend:
             "graph_optimization_level": "all",
             "intra_op_num_threads": 0,  # 0: onnxruntime's default, one thread per physical core
             "allow_spinning": True,
+            "disabled_optimizers": (list(CPU_DISABLED_OPTIMIZERS)
+                                    if self.provider == "CPUExecutionProvider" else []),
         }
         if self.provider == "CUDAExecutionProvider":
             # TF32 matmuls drift ~1e-3 relative from fp32, past the exact passes' tolerance;

@@ -62,3 +62,58 @@ def test_cuda_export_verifies(tiny_cnn_path, tmp_path):
     result = slimgraph.export(tiny_cnn_path, tmp_path / "out", backends=["ort-cpu", "ort-cuda"])
     assert [v.backend for v in result.verifications] == ["ort-cpu", "ort-cuda"]
     assert all(v.passed for v in result.verifications)
+
+
+
+RESIDUAL_LN_WEIGHTS = {n: np.random.default_rng(i).standard_normal(32).astype(np.float32)
+                       for i, n in enumerate(("bias", "gamma", "beta"))}
+
+
+def _residual_layernorm_model() -> bytes:
+    """``LayerNorm((x + bias) + skip)``: the pattern onnxruntime fuses into SkipLayerNormalization."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["s"]), helper.make_node("Add", ["s", "skip"], ["t"]),
+         helper.make_node("LayerNormalization", ["t", "gamma", "beta"], ["y"], axis=-1)],
+        "residual_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, 32]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 32])],
+        [numpy_helper.from_array(a, n) for n, a in RESIDUAL_LN_WEIGHTS.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_cpu_sessions_skip_the_slow_skip_layernorm_fusion(tmp_path, monkeypatch):
+    import onnx
+
+    from slimgraph.backends import ort as ort_backend
+
+    model = _residual_layernorm_model()
+
+    def optimized_ops(disabled) -> set[str]:
+        options = ort_backend.session_options({})
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        return {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+    # the transformer's name is right: onnxruntime fuses without it and does not with it
+    assert "SkipLayerNormalization" in optimized_ops(None)
+    assert "SkipLayerNormalization" not in optimized_ops(list(ort_backend.CPU_DISABLED_OPTIMIZERS))
+
+    asked = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort_backend.ort, "InferenceSession",
+                        lambda *a, **k: asked.append(k.get("disabled_optimizers")) or real(*a, **k))
+    session = ort_backend.session_for(model)
+    ort_backend.session_for(model, {"disabled_optimizers": []})  # a user turns it back on
+    assert asked == [["SkipLayerNormFusion"], None]
+    assert get_backend("ort-cpu").default_options()["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    assert ORT_CUDA.default_options()["disabled_optimizers"] == []  # the CUDA kernel is fast
+
+    rng = np.random.default_rng(1)
+    x, skip = (rng.standard_normal((2, 8, 32)).astype(np.float32) for _ in range(2))
+    t = x + RESIDUAL_LN_WEIGHTS["bias"] + skip
+    want = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-5)
+    want = want * RESIDUAL_LN_WEIGHTS["gamma"] + RESIDUAL_LN_WEIGHTS["beta"]
+    np.testing.assert_allclose(session.run(None, {"x": x, "skip": skip})[0], want, rtol=1e-4, atol=1e-4)
