@@ -61,7 +61,10 @@ def load_runner(io_path: Path) -> Runner:
             os.sched_setaffinity(0, cores)
     main = vm[io["function"]]
     inputs = [TensorSpec(**s) for s in io["inputs"]]
+    names = [s.name for s in inputs]
+    dtypes = [(s.name, np.dtype(s.dtype)) for s in inputs]
     batch = io["batch"]
+    valid_shapes: set[tuple[str, tuple[int, ...]]] = set()  # checked once per input and shape
 
     on_cpu = io["device"] == "cpu"
 
@@ -73,9 +76,9 @@ def load_runner(io_path: Path) -> Runner:
         return tensor(array, device)
 
     def run_static(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        arrays = [np.ascontiguousarray(feeds[s.name], dtype=s.dtype) for s in inputs]
+        arrays = [np.ascontiguousarray(feeds[n], dtype=d) for n, d in dtypes]
         result = main(*[as_tensor(a) for a in arrays])
-        results = [result] if hasattr(result, "numpy") else list(result)
+        results = [result] if isinstance(result, tvm_ffi.Tensor) else list(result)
         if not on_cpu:
             return [r.numpy() for r in results]
         # each call allocates its outputs, so numpy may keep them without a copy; but an output
@@ -88,10 +91,13 @@ def load_runner(io_path: Path) -> Runner:
         for spec in inputs:
             if spec.name not in feeds:
                 raise BackendError(f"TVM model: missing input {spec.name!r}")
-            _check_shape(spec, feeds[spec.name].shape, batch)
-        if batch is None:
+            key = (spec.name, feeds[spec.name].shape)
+            if key not in valid_shapes:
+                _check_shape(spec, key[1], batch)
+                valid_shapes.add(key)
+        if batch is None or all(feeds[n].shape[0] == batch for n in names):
             return run_static(feeds)
-        return _run_in_batches(run_static, feeds, [s.name for s in inputs], batch)
+        return _run_in_batches(run_static, feeds, names, batch)
 
     return run
 
