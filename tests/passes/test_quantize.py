@@ -661,3 +661,65 @@ def test_binary_acts_match_a_numpy_xnor_reference():
     np.testing.assert_allclose(_run(model, {"x": x})[0], expected, rtol=1e-6)
     with pytest.raises(ValueError, match="acts=binary"):
         InsertQDQPass(mode="int8", acts="binary")
+
+
+# ---- embedding tables
+
+
+def _embedding_model(vocab: int = 512, dim: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """Token ids -> a Gather on a table with a few outlier rows -> MatMul, plus a small table
+    (below MIN_TABLE_ELEMENTS) and a Gather with constant indices, which both stay float."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((vocab, dim)).astype(np.float32) * 0.1
+    table[::50] *= 20.0  # rows far larger than the rest: one scale per table would crush the others
+    inits = [
+        numpy_helper.from_array(table, "tokens"),
+        numpy_helper.from_array(rng.standard_normal((2, dim)).astype(np.float32), "types"),
+        numpy_helper.from_array(np.zeros((1,), np.int64), "type_ids"),
+        numpy_helper.from_array(rng.standard_normal((dim, 16)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["tokens", "ids"], ["emb"], name="token_embedding"),
+        helper.make_node("Gather", ["types", "type_ids"], ["type_emb"], name="type_embedding"),
+        helper.make_node("Add", ["emb", "type_emb"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes, "embed", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16]),
+         helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 8, dim])], initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_int8_stores_embedding_tables_as_int8_rows(dynamic):
+    proto = _embedding_model()
+    table = numpy_helper.to_array(proto.graph.initializer[0])
+    ids = np.random.default_rng(1).integers(0, table.shape[0], (4, 8)).astype(np.int64)
+    ids[0, :3] = [0, 50, 100]  # outlier rows
+    feeds = [{"ids": np.random.default_rng(i).integers(0, 512, (2, 8)).astype(np.int64)} for i in range(4)]
+    model, qpass, _ = _quantize(proto, feeds, dynamic=dynamic)
+    assert qpass.report.counts["embeddings_quantized"] == 1
+    assert "tokens" not in model.graph.initializers  # the float table is gone
+    int8_tables = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8
+                   and v.shape == ir.Shape(list(table.shape))]
+    assert len(int8_tables) == 1
+    assert "types" in model.graph.initializers  # a small table is not worth it
+    want = table[ids]
+    got_emb = _run(model, {"ids": ids})[1]
+    # every row within half a step of its own scale, the outlier rows and the ordinary ones alike
+    step = np.abs(table).max(axis=1) / 127
+    assert (np.abs(got_emb - want) <= step[ids][..., None] * 0.5 + 1e-7).all()
+    assert [v.name for v in model.graph.outputs] == ["y", "emb"]
+
+
+def test_embeddings_float_and_exclude_leave_the_table():
+    proto = _embedding_model()
+    for options in ({"embeddings": "float"}, {"exclude": ["token_embedding"]}):
+        model, qpass, _ = _quantize(proto, [], dynamic=True, **options)
+        assert "embeddings_quantized" not in qpass.report.counts
+        assert model.graph.initializers["tokens"].const_value.dtype == ir.DataType.FLOAT
+        assert not any("token_embedding" in note for note in qpass.report.notes)  # a known name
+    with pytest.raises(PipelineSpecError, match="unknown embeddings 'int4'"):
+        Pipeline.parse("quantize:int8,embeddings=int4")

@@ -29,6 +29,7 @@ from slimgraph.passes.quantize.calibrate import (
     values_by_name,
 )
 from slimgraph.passes.quantize.divergence import Divergence, first_divergence
+from slimgraph.passes.quantize.embedding import embedding_tables, quantize_embeddings
 from slimgraph.passes.quantize.int8 import (
     WEIGHT_SCALES,
     Int8Target,
@@ -90,6 +91,8 @@ class InsertQDQPass(SlimgraphPass):
     com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul. ``weight_scales``
     (static int8): ``channel``, ``tensor``, or ``auto`` (one scale where per-channel gains nothing,
     see ``int8``). ``acts=binary`` (binary mode) feeds each binary layer ``Sign(x)`` (XNOR nets).
+    ``embeddings`` (int8): ``int8`` (default) stores Gather tables such as token embeddings as int8
+    rows with per-row scales (see ``embedding``); ``float`` leaves them.
     """
 
     name = "quantize"
@@ -114,6 +117,7 @@ class InsertQDQPass(SlimgraphPass):
         format: str = "qdq",
         weight_scales: str = "auto",
         acts: str = "float",
+        embeddings: str = "int8",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -165,6 +169,9 @@ class InsertQDQPass(SlimgraphPass):
         if acts == "binary" and mode != "binary":
             raise ValueError("acts=binary (sign activations, XNOR networks) applies to mode binary")
         self.acts = acts
+        if embeddings not in ("int8", "float"):
+            raise ValueError(f"unknown embeddings {embeddings!r}; valid: int8, float")
+        self.embeddings = embeddings
         self.format = format
         self.speed_check = speed_check
         self.smooth = smooth
@@ -212,7 +219,8 @@ class InsertQDQPass(SlimgraphPass):
         target = self.target()
         if self.mode == "int8":
             self.report.notes.append(f"int8 target: {target.describe()}")
-        unknown = sorted(set(self.exclude) - set(layers))
+        tables = {n.name for n in embedding_tables(model.graph)} if self.mode == "int8" else set()
+        unknown = sorted(set(self.exclude) - set(layers) - tables)
         if unknown:
             self.report.notes.append(f"exclude: no quantizable layer named {', '.join(unknown)}")
         timed = self.speed_check and self.mode == "int8"
@@ -233,8 +241,12 @@ class InsertQDQPass(SlimgraphPass):
                 return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits",
                                          self.acts == "binary")
             if self.dynamic:
-                return apply_dynamic(into, dtypes, target, keep_float)
-            return apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)
+                counts = apply_dynamic(into, dtypes, target, keep_float)
+            else:
+                counts = apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)
+            if self.embeddings == "int8":
+                counts.embeddings = quantize_embeddings(into.graph, keep_float)
+            return counts
 
         keep_float = set(self.exclude)
         if self.guard_cosine is not None:
@@ -242,6 +254,8 @@ class InsertQDQPass(SlimgraphPass):
         counts = build(keep_float, model)
         self.report.count("layers_quantized", counts.layers)
         self.report.count("layers_float", len([x for x in layers if x in keep_float]))
+        if counts.embeddings:
+            self.report.count("embeddings_quantized", counts.embeddings)
         if static:
             self.report.count("joins_quantized", counts.joins)
             self.report.count("relus_folded", counts.relus_folded)

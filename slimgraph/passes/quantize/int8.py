@@ -51,6 +51,7 @@ from slimgraph.passes.quantize.layers import (
     fp16_ceil,
     is_float_activation,
     layer_ids,
+    replace_node,
     weight_axis,
 )
 
@@ -445,13 +446,7 @@ def replace_gemm(graph: ir.Graph, namer: Namer, node: ir.Node, base: str,
         add.outputs[0].dtype = FLOAT
         new_nodes.append(add)
         result = add.outputs[0]
-    graph.insert_before(node, new_nodes)
-    old = node.outputs[0]
-    result.shape, name, is_output = old.shape, old.name, old.is_graph_output()
-    old.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    if is_output:
-        result.name = name
+    replace_node(graph, node, new_nodes, result)
 
 
 def gemm_bias(

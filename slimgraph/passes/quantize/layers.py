@@ -89,6 +89,18 @@ def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray)
     return value
 
 
+def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Put ``new_nodes`` (computing ``result``) where ``node`` was, move every use of its output to
+    ``result`` (a graph output keeps its name) and drop it."""
+    graph.insert_before(node, new_nodes)
+    old = node.outputs[0]
+    result.shape, name, is_output = old.shape, old.name, old.is_graph_output()
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if is_output:
+        result.name = name
+
+
 def add_stored_as(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray,
                   stored: type) -> ir.Value:
     """``array`` kept as a narrower ``stored`` initializer and widened back by a Cast at the top.
@@ -125,4 +137,5 @@ class Counts:
     relus_folded: int = 0
     qdq_pairs: int = 0
     biases: int = 0
+    embeddings: int = 0
 
