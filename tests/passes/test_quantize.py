@@ -365,6 +365,29 @@ def test_speed_guard_reports_a_verdict():
     assert any("speed guard" in note for note in qpass.report.notes)
 
 
+def _matmul_chain(depth: int) -> ir.Model:
+    w = numpy_helper.from_array(np.eye(256, dtype=np.float32), "w")
+    names = ["x", *[f"h{i}" for i in range(depth)]]
+    nodes = [helper.make_node("MatMul", [a, "w"], [b]) for a, b in zip(names, names[1:], strict=False)]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [64, 256])], [w])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_speed_guard_warns_when_the_quantized_model_is_slower():
+    # not a timing threshold: one model does 16x the other's work, timed in the same rounds
+    feed = {"x": np.ones((64, 256), np.float32)}
+    light, heavy = _matmul_chain(1), _matmul_chain(16)
+    slower = InsertQDQPass()
+    slower._speed_guard(light, heavy, [feed])
+    assert any("NOT faster" in note for note in slower.report.notes)
+    faster = InsertQDQPass()
+    faster._speed_guard(heavy, light, [feed])
+    (note,) = faster.report.notes
+    assert note.startswith("speed guard: int8/fp32 latency 0.")
+
+
 def test_export_int8_passes_verification(tiny_cnn_path: Path, tmp_path: Path):
     feeds = _image_feeds(16, (2, 3, 16, 16))
     result = slimgraph.export(tiny_cnn_path, tmp_path / "out", passes="fold-constants,quantize:int8",
