@@ -192,26 +192,33 @@ def make_pass(
 
 
 def _coerce(raw: Any, hint: Any, where: str) -> Any:
-    """Turn a CLI string (or a TOML value) into the annotated type of an option."""
+    """Turn a CLI string (or a TOML value) into the annotated type of an option; for a union
+    (``float | str``), the first of its types that takes the string."""
     if not isinstance(raw, str):
         return raw
-    target = hint
+    targets = [hint]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        target = args[0] if args else str
-    try:
-        if target is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if target in (int, float):
-            return target(raw)
-        if typing.get_origin(target) in (list, tuple):
-            return [s for s in raw.split("+") if s]
-    except ValueError as exc:
-        kind = getattr(target, "__name__", str(target))
-        raise PipelineSpecError(f"{where}: {raw!r} is not a valid {kind}") from exc
+        targets = [a for a in typing.get_args(hint) if a is not type(None)] or [str]
+    error: ValueError | None = None
+    for target in targets:
+        try:
+            return _convert(raw, target)
+        except ValueError as exc:
+            error = exc
+    kind = " or ".join(getattr(t, "__name__", str(t)) for t in targets)
+    raise PipelineSpecError(f"{where}: {raw!r} is not a valid {kind}") from error
+
+
+def _convert(raw: str, target: Any) -> Any:
+    if target is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if target in (int, float):
+        return target(raw)
+    if typing.get_origin(target) in (list, tuple):
+        return [s for s in raw.split("+") if s]
     return raw

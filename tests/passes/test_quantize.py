@@ -27,9 +27,9 @@ from slimgraph.passes.quantize import (
     quantize_weight,
     unpack_signs,
 )
-from slimgraph.passes.quantize.calibrate import channel_absmax
+from slimgraph.passes.quantize.calibrate import channel_absmax, channel_statistics
 from slimgraph.passes.quantize.divergence import tensor_cosines
-from slimgraph.passes.quantize.smooth import smooth_layers, smoothing_groups
+from slimgraph.passes.quantize.smooth import alpha_factors, search_factors, smooth_layers, smoothing_groups
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from conftest import make_tiny_cnn  # noqa: E402
@@ -451,7 +451,12 @@ def test_int4_blocked_weights_on_opset_21():
     assert list(dq.inputs[1].const_value.shape) == [2, 8]
     q, scales = quantize_int4_blocks(w, 0, 32)
     restored = q.astype(np.float32) * np.repeat(scales, 32, axis=0)
-    assert np.abs(restored - w).max() <= scales.max() / 2 + 1e-6
+    # per block, no worse than rounding with the plain scale max|block| / 7, and better overall
+    plain_steps = np.repeat(np.abs(w.reshape(2, 32, 8)).max(axis=1) / 7, 32, axis=0)
+    plain = np.clip(np.round(w / plain_steps), -8, 7) * plain_steps
+    block_error = lambda r: ((r - w) ** 2).reshape(2, 32, 8).sum(axis=1)  # noqa: E731
+    assert (block_error(restored) <= block_error(plain) + 1e-9).all()
+    assert block_error(restored).sum() < 0.9 * block_error(plain).sum()
     assert _cosine(_run(proto, x)[0], _run(model, x)[0]) > 0.98
     assert qpass.tolerance.min_cosine < 0.99
 
@@ -506,7 +511,7 @@ def test_smoothing_is_exact_in_float_and_shares_one_mul_per_input():
     assert [[n.name for n in g] for g in groups.values()] == [["fc_q", "fc_k", "fc_v", "fc_g"]]
     absmax = channel_absmax(model, ["x"], feeds)
     assert absmax["x"].shape == (16,) and absmax["x"][0] > 10 * np.median(absmax["x"])
-    assert smooth_layers(model, groups, absmax, 0.75) == 4
+    assert smooth_layers(model, groups, alpha_factors(groups, absmax, 0.75)) == 4
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     (mul,) = [n for n in model.graph if n.op_type == "Mul"]
     users = {n.name for n, _ in mul.outputs[0].uses()}
@@ -546,10 +551,47 @@ def test_smooth_with_int4_protects_the_rows_that_meet_outliers():
     assert error_smooth < 0.6 * error_plain
 
 
+def test_smooth_auto_rivals_the_best_fixed_strength_on_int4_outliers():
+    proto = _attention_like()
+    feeds, fresh = _outlier_channel_feeds(16, 0), _outlier_channel_feeds(1, 9)[0]
+    ref = _run(proto, fresh)[0]
+    errors = {}
+    for smooth in (None, 0.25, 0.5, 0.75, "auto"):
+        model, qpass, _ = _quantize(proto, feeds, mode="int4", smooth=smooth)
+        errors[smooth] = 1 - _cosine(ref, _run(model, fresh)[0])
+    assert errors["auto"] < 0.5 * errors[None]
+    fixed = [errors[a] for a in (0.25, 0.5, 0.75)]
+    # without being told a strength: near the best one, better than the average one
+    assert errors["auto"] <= 1.25 * min(fixed) and errors["auto"] < np.mean(fixed)
+    assert any(note.startswith("smooth: auto (") for note in qpass.report.notes)
+
+
+def test_smooth_auto_keeps_weights_that_quantize_exactly():
+    # int8-exact weights (integers, 127 at the top of every column) read by outlier inputs: any
+    # smoothing would only add rounding error, so the search picks no factors and adds no Mul
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (16, 8)).astype(np.float32)
+    w[0] = 127.0
+    proto = _single_layer("MatMul", w, ["N", 16], {})
+    model = ir.from_proto(proto)
+    groups = smoothing_groups(model.graph, {"MatMul_0"})
+    absmax, samples = channel_statistics(model, ["x"], _outlier_channel_feeds(8, 1), sample_rows=64)
+    assert samples["x"].shape == (64, 16)
+
+    def int8_per_column(weight):
+        q, scales = quantize_weight(weight, 1)
+        return q * scales[None, :].astype(np.float64)
+
+    factors, chosen = search_factors(groups, absmax, samples, int8_per_column, quantize_inputs=False)
+    assert chosen == {"x": "none"}
+    assert smooth_layers(model, groups, factors) == 0 and "Mul" not in _ops(model)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("quantize:int8,smooth=1.5", "smooth is the SmoothQuant migration strength"),
+        ("quantize:int8,smooth=most", "or auto, got 'most'"),
         ("quantize:binary,smooth=0.5", "smooth applies to int8 and int4"),
         ("quantize:int8,max_float=-1", "max_float is a number of layers"),
     ],
@@ -575,7 +617,7 @@ def test_smoothing_minilm_is_exact_in_float():
     reference = model.clone()
     groups = smoothing_groups(model.graph, layers)
     absmax = channel_absmax(model, [x.name for x in groups], feeds)
-    assert smooth_layers(model, groups, absmax, 0.75) == 36
+    assert smooth_layers(model, groups, alpha_factors(groups, absmax, 0.75)) == 36
     batch = loaded.evaluation.feeds[0]
     np.testing.assert_allclose(_run(model, batch)[0], _run(reference, batch)[0], rtol=1e-5, atol=1e-5)
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import statistics
 import time
+from collections import Counter
 from typing import ClassVar
 
 import numpy as np
@@ -23,6 +24,7 @@ from slimgraph.calibration import Feeds
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.quantize.calibrate import (
     channel_absmax,
+    channel_statistics,
     collect_ranges,
     inputs_of,
     serialize,
@@ -48,7 +50,12 @@ from slimgraph.passes.quantize.layers import (
     quantizable_layers,
     weight_axis,
 )
-from slimgraph.passes.quantize.smooth import smooth_layers, smoothing_groups
+from slimgraph.passes.quantize.smooth import (
+    alpha_factors,
+    search_factors,
+    smooth_layers,
+    smoothing_groups,
+)
 from slimgraph.passes.quantize.weight_only import (
     BINARY_WEIGHT_TAG,
     apply_weight_only,
@@ -72,6 +79,7 @@ INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
 # metrics but nothing is enforced (recovery by fine-tuning is a separate step).
 BINARY_TOLERANCE = Tolerance(max_rel_err=1e9, min_cosine=-1.0, min_top1=0.0)
 _SPEED_ROUNDS = 15
+_SEARCH_ROWS = 1024  # calibration rows per smoothed input that smooth=auto scores candidates on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +90,8 @@ class InsertQDQPass(SlimgraphPass):
     """Quantizes a model: ``int8`` static (calibrated QDQ) or ``dynamic=true``, ``int4``, ``binary``.
 
     ``smooth=ALPHA`` migrates activation outliers into MatMul/Gemm weights first (SmoothQuant,
-    exact in float). ``tolerance=`` (a minimum cosine to the float model on held-out calibration
+    exact in float); ``smooth=auto`` picks the factors per layer group by measured error (see
+    ``smooth``). ``tolerance=`` (a minimum cosine to the float model on held-out calibration
     samples) turns on the accuracy guard: layers are ranked by the error each causes alone and the
     worst stay float (at most ``max_float`` of them) until the tolerance holds; if it cannot hold,
     the report names the first tensor where the quantized and float models diverge.
@@ -112,7 +121,7 @@ class InsertQDQPass(SlimgraphPass):
         exclude: list[str] | None = None,
         speed_check: bool = True,
         block: int = 32,
-        smooth: float | None = None,
+        smooth: float | str | None = None,
         max_float: int | None = None,
         format: str = "qdq",
         weight_scales: str = "auto",
@@ -135,8 +144,10 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"unknown format {format!r}; valid: {', '.join(INT4_FORMATS)}")
         if format != "qdq" and mode != "int4":
             raise ValueError("format=nbits (com.microsoft MatMulNBits) applies to int4 only")
-        if smooth is not None and not 0.0 < smooth <= 1.0:
-            raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1], got {smooth}")
+        if smooth is not None and smooth != "auto" and not (
+                isinstance(smooth, (int, float)) and 0.0 < smooth <= 1.0):
+            raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1] or auto, "
+                             f"got {smooth!r}")
         if max_float is not None and max_float < 0:
             raise ValueError(f"max_float is a number of layers >= 0, got {max_float}")
         if dynamic and activations == "s8":
@@ -281,14 +292,39 @@ class InsertQDQPass(SlimgraphPass):
         if not feeds:
             raise ValueError("smooth= needs calibration samples (per-channel activation maxima)")
         groups = smoothing_groups(model.graph, layers)
-        absmax = channel_absmax(model, [x.name for x in groups], feeds)
-        smoothed = smooth_layers(model, groups, absmax, self.smooth)
+        names = [x.name for x in groups]
+        if self.smooth == "auto":
+            absmax, samples = channel_statistics(model, names, feeds, sample_rows=_SEARCH_ROWS)
+            factors, chosen = search_factors(groups, absmax, samples, self._dequantized,
+                                             quantize_inputs=self.mode == "int8")
+            picked = Counter(kind.split()[0] for kind in chosen.values())
+            how = "auto (" + ", ".join(f"{k} {n}" for k, n in sorted(picked.items())) + " of the groups)"
+        else:
+            factors = alpha_factors(groups, channel_absmax(model, names, feeds), self.smooth)
+            how = f"alpha {self.smooth:g}"
+        smoothed = smooth_layers(model, groups, factors)
         self.report.count("layers_smoothed", smoothed)
+        moved = sum(1 for x in groups if x in factors and not np.all(factors[x] == 1.0))
         self.report.notes.append(
-            f"smooth: alpha {self.smooth:g}, {smoothed} MatMul/Gemm layer(s) behind "
-            f"{len(groups)} Mul node(s)"
+            f"smooth: {how}, {smoothed} MatMul/Gemm layer(s) behind {moved} Mul node(s)"
         )
         return _dtypes(model)
+
+    def _dequantized(self, weight: np.ndarray) -> np.ndarray:
+        """A [K, N] weight quantized about as this mode will, and decoded (for ``smooth=auto``).
+
+        int4 rounds with the plain ``max|block| / 7`` scales here: the clip search of
+        ``quantize_int4_blocks`` would make ``smooth=auto`` 3x slower for the same choices.
+        """
+        if self.mode == "int4":
+            k, block = weight.shape[0], self.block
+            padded = np.zeros((-(-k // block) * block, weight.shape[1]))
+            padded[:k] = weight
+            amax = np.abs(padded.reshape(-1, block, weight.shape[1])).max(axis=1)
+            steps = np.repeat(np.where(amax > 0, amax / 7, 1.0), block, axis=0)[:k]
+            return np.clip(np.round(weight / steps), -8, 7) * steps
+        q, scales = quantize_weight(weight, 1, self.target().reduce_range)
+        return q.astype(np.float64) * scales[None, :]
 
     def _guard(self, model, build, keep_float: set[str], layers: list[str],
                held_out: list[Feeds], dtypes: dict[str, ir.DataType]) -> set[str]:

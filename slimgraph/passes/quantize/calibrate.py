@@ -135,11 +135,29 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def channel_absmax(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds]) -> dict[str, np.ndarray]:
     """max |x| per channel (the last axis) of each named float value over ``feeds``."""
+    return channel_statistics(model, names, feeds)[0]
+
+
+def channel_statistics(
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds], sample_rows: int = 0, seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per named float value: max |x| per channel (the last axis) over ``feeds``, and up to
+    ``sample_rows`` of its rows (vectors along the last axis) drawn evenly from every feed."""
     session, outputs = probe_session(model, names)
+    feeds = list(feeds)
+    rng = np.random.default_rng(seed)
+    per_feed = -(-sample_rows // max(len(feeds), 1))
     absmax: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     for feed in feeds:
         for name, array in zip(outputs, session.run(outputs, inputs_of(session, feed)), strict=True):
-            if array.size:
-                m = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0)
-                absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
-    return absmax
+            if not array.size:
+                continue
+            flat = array.reshape(-1, array.shape[-1])
+            m = np.abs(flat).max(axis=0)
+            absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
+            if per_feed:
+                pick = rng.choice(len(flat), size=min(per_feed, len(flat)), replace=False)
+                rows[name].append(flat[np.sort(pick)].astype(np.float32))
+    samples = {name: np.concatenate(r) for name, r in rows.items() if r}
+    return absmax, samples

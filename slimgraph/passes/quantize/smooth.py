@@ -17,9 +17,17 @@ layers a small alpha works the other way round (as AWQ does): the weight rows th
 activations are scaled up and so lose less to int4 rounding. Layers that read the same x
 (attention's Q, K and V) share one s, with w_k the maximum over their weights, and one
 ``Mul(x, 1/s)`` that feeds only them; other readers of x (a residual Add) still see x.
+
+``smooth=auto`` searches the factors per group instead (``search_factors``): on sampled calibration
+rows X of the group's input it tries no smoothing, SmoothQuant's s for alpha 0.1 ... 1, and AWQ's
+``s = a^alpha`` (Lin et al. 2024) for the same alphas, quantizes ``diag(s) W`` exactly as the
+mode will (and ``X / s`` too, for int8), and keeps the factors whose quantized product is closest
+to the float ``X W``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +36,7 @@ from slimgraph.passes.quantize.layers import FLOAT, Namer, add_initializer, laye
 
 _SMOOTH_OPS = frozenset({"MatMul", "Gemm"})
 _S_MIN, _S_MAX = 1e-5, 1e5  # keeps 1/s and s * W finite in float32
+SEARCH_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
 def reduction_axis(node: ir.Node) -> int:
@@ -56,19 +65,89 @@ def smoothing_factors(act_absmax: np.ndarray, weights: list[np.ndarray], axes: l
     return np.clip(s, _S_MIN, _S_MAX)
 
 
-def smooth_layers(model: ir.Model, groups: dict[ir.Value, list[ir.Node]],
-                  absmax: dict[str, np.ndarray], alpha: float) -> int:
-    """Insert ``Mul(x, 1/s)`` before each group and scale its weights by s; returns layers smoothed."""
-    graph = model.graph
-    namer = Namer(graph)
-    smoothed = 0
+def _kn(weight: np.ndarray, axis: int) -> np.ndarray:
+    """A MatMul/Gemm weight as [K, N] float64 (K, the reduction, first)."""
+    return (weight if axis == 0 else weight.T).astype(np.float64)
+
+
+def alpha_factors(groups: dict[ir.Value, list[ir.Node]], absmax: dict[str, np.ndarray],
+                  alpha: float) -> dict[ir.Value, np.ndarray]:
+    """SmoothQuant's factors at one ``alpha`` for every group whose input has statistics."""
+    factors = {}
     for x, nodes in groups.items():
         a = absmax.get(x.name)
         weights = [n.inputs[1].const_value.numpy() for n in nodes]
         axes = [reduction_axis(n) for n in nodes]
-        if a is None or any(w.shape[axis] != a.shape[0] for w, axis in zip(weights, axes, strict=True)):
+        if a is not None and all(w.shape[axis] == a.shape[0] for w, axis in zip(weights, axes, strict=True)):
+            factors[x] = smoothing_factors(a, weights, axes, alpha)
+    return factors
+
+
+def fake_quant_activation(x: np.ndarray) -> np.ndarray:
+    """``x`` through per-tensor asymmetric uint8 and back (the int8 modes' activations)."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if high <= low:
+        return x
+    scale = (high - low) / 255.0
+    zero = np.round(-low / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def search_factors(
+    groups: dict[ir.Value, list[ir.Node]], absmax: dict[str, np.ndarray], samples: dict[str, np.ndarray],
+    dequantized: Callable[[np.ndarray], np.ndarray], quantize_inputs: bool,
+) -> tuple[dict[ir.Value, np.ndarray], dict[str, str]]:
+    """Per group, the candidate factors (module docstring) with the least relative squared error
+    of the quantized product on the sampled rows; also which candidate won, by input name.
+
+    ``dequantized`` maps a [K, N] weight to its quantized-then-dequantized value; with
+    ``quantize_inputs`` the scaled rows go through uint8 too.
+    """
+    factors, chosen = {}, {}
+    for x, nodes in groups.items():
+        a, rows = absmax.get(x.name), samples.get(x.name)
+        weights = [_kn(n.inputs[1].const_value.numpy(), reduction_axis(n)) for n in nodes]
+        if a is None or rows is None or any(w.shape[0] != a.shape[0] for w in weights):
             continue
-        s = smoothing_factors(a, weights, axes, alpha)
+        rows = rows.astype(np.float64)
+        reference = [rows @ w for w in weights]
+        total = sum(float((r**2).sum()) for r in reference) or 1.0
+        candidates = {"none": np.ones_like(a, dtype=np.float64)}
+        for alpha in SEARCH_ALPHAS:
+            candidates[f"smoothquant {alpha:g}"] = smoothing_factors(a, weights, [0] * len(weights), alpha)
+            awq = np.where(a > 0, a.astype(np.float64) ** alpha, 1.0)
+            candidates[f"awq {alpha:g}"] = np.clip(awq / np.exp(np.log(awq).mean()), _S_MIN, _S_MAX)
+
+        errors = {name: _product_error(rows, weights, reference, s, dequantized, quantize_inputs) / total
+                  for name, s in candidates.items()}
+        best = min(errors, key=errors.__getitem__)
+        factors[x], chosen[x.name] = candidates[best], best
+    return factors, chosen
+
+
+def _product_error(rows: np.ndarray, weights: list[np.ndarray], reference: list[np.ndarray], s: np.ndarray,
+                   dequantized: Callable[[np.ndarray], np.ndarray], quantize_inputs: bool) -> float:
+    """Squared error of the quantized ``(rows / s) (diag(s) W)`` against ``rows W``, over the group."""
+    scaled = rows / s
+    if quantize_inputs:
+        scaled = fake_quant_activation(scaled)
+    return sum(float(((scaled @ dequantized(w * s[:, None]) - r) ** 2).sum())
+               for w, r in zip(weights, reference, strict=True))
+
+
+def smooth_layers(model: ir.Model, groups: dict[ir.Value, list[ir.Node]],
+                  factors: dict[ir.Value, np.ndarray]) -> int:
+    """Insert ``Mul(x, 1/s)`` before each group with factors and scale its weights by s; returns
+    the layers smoothed. A group whose factors are all 1 is left as it is."""
+    graph = model.graph
+    namer = Namer(graph)
+    smoothed = 0
+    for x, nodes in groups.items():
+        s = factors.get(x)
+        if s is None or np.all(s == 1.0):
+            continue
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        axes = [reduction_axis(n) for n in nodes]
         inverse = add_initializer(graph, namer, f"{x.name}_smooth", (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [x, inverse], name=namer(f"{x.name}_smooth_Mul"))
         mul.outputs[0].name = namer(f"{x.name}_smoothed")
