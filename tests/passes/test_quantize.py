@@ -757,14 +757,14 @@ def _embedding_model(vocab: int = 512, dim: int = 64, seed: int = 0) -> onnx.Mod
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_int8_stores_embedding_tables_as_int8_rows(dynamic):
+@pytest.mark.parametrize("options", [{"dynamic": True}, {"dynamic": False}, {"mode": "int4"}])
+def test_every_mode_stores_embedding_tables_as_int8_rows(options):
     proto = _embedding_model()
     table = numpy_helper.to_array(proto.graph.initializer[0])
     ids = np.random.default_rng(1).integers(0, table.shape[0], (4, 8)).astype(np.int64)
     ids[0, :3] = [0, 50, 100]  # outlier rows
     feeds = [{"ids": np.random.default_rng(i).integers(0, 512, (2, 8)).astype(np.int64)} for i in range(4)]
-    model, qpass, _ = _quantize(proto, feeds, dynamic=dynamic)
+    model, qpass, _ = _quantize(proto, feeds, **options)
     assert qpass.report.counts["embeddings_quantized"] == 1
     assert "tokens" not in model.graph.initializers  # the float table is gone
     int8_tables = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8

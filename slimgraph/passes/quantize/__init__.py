@@ -100,8 +100,8 @@ class InsertQDQPass(SlimgraphPass):
     com.microsoft MatMulNBits instead of blocked DequantizeLinear + MatMul. ``weight_scales``
     (static int8): ``channel``, ``tensor``, or ``auto`` (one scale where per-channel gains nothing,
     see ``int8``). ``acts=binary`` (binary mode) feeds each binary layer ``Sign(x)`` (XNOR nets).
-    ``embeddings`` (int8): ``int8`` (default) stores Gather tables such as token embeddings as int8
-    rows with per-row scales (see ``embedding``); ``float`` leaves them.
+    ``embeddings``: ``int8`` (default, every mode) stores Gather tables such as token embeddings as
+    int8 rows with per-row scales (see ``embedding``); ``float`` leaves them.
     """
 
     name = "quantize"
@@ -230,7 +230,7 @@ class InsertQDQPass(SlimgraphPass):
         target = self.target()
         if self.mode == "int8":
             self.report.notes.append(f"int8 target: {target.describe()}")
-        tables = {n.name for n in embedding_tables(model.graph)} if self.mode == "int8" else set()
+        tables = {n.name for n in embedding_tables(model.graph)}
         unknown = sorted(set(self.exclude) - set(layers) - tables)
         if unknown:
             self.report.notes.append(f"exclude: no quantizable layer named {', '.join(unknown)}")
@@ -249,9 +249,9 @@ class InsertQDQPass(SlimgraphPass):
 
         def build(keep_float: set[str], into: ir.Model) -> Counts:
             if self.mode != "int8":
-                return apply_weight_only(into, self.mode, self.block, keep_float, self.format == "nbits",
-                                         self.acts == "binary")
-            if self.dynamic:
+                counts = apply_weight_only(into, self.mode, self.block, keep_float,
+                                           self.format == "nbits", self.acts == "binary")
+            elif self.dynamic:
                 counts = apply_dynamic(into, dtypes, target, keep_float)
             else:
                 counts = apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)
