@@ -439,6 +439,30 @@ def test_binary_decode_in_onnx_is_sign_times_channel_mean(transB):
     np.testing.assert_array_equal(decoded, expected.T if transB else expected)
 
 
+def test_binary_layers_share_decode_constants_and_unpack_padded_bits():
+    # 7x5 = 35 weights: the last byte holds 5 padding bits the decode must drop
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model, _, _ = _quantize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [],
+                            mode="binary")
+    shared = [name for name in model.graph.initializers if name.startswith("binary_decode_")]
+    assert len(shared) == len(set(shared)) == 7  # each once, with the padded layer's Slice inputs
+    assert sum(n.op_type == "Slice" for n in model.graph) == 1  # only w1 (35 bits) is padded
+
+    def binarised(w):
+        alpha = np.abs(w).mean(axis=0, keepdims=True).astype(np.float16).astype(np.float32)
+        return np.where(w >= 0, 1.0, -1.0).astype(np.float32) * alpha
+
+    x = rng.standard_normal((3, 7)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, {"x": x})[0], x @ binarised(w1) @ binarised(w2), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_int4_blocked_weights_on_opset_21():
     w = np.random.default_rng(4).standard_normal((64, 8)).astype(np.float32)
     proto = _single_layer("MatMul", w, [4, 64], {})

@@ -96,32 +96,39 @@ def binary_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _binary_decode(
-    graph: ir.Graph, namer: Namer, node: ir.Node, w: ir.Value, axis: int
+    graph: ir.Graph, namer: Namer, node: ir.Node, w: ir.Value, axis: int, shared: dict[str, ir.Value],
 ) -> list[ir.Node]:
     """Nodes that rebuild ``sign(W) * alpha`` from packed bits with standard ops.
 
     ``Unsqueeze(bits, [1]) >> [7..0] mod 2 -> Reshape(-1) -> Slice(0, n) -> Cast -> *2 - 1 ->
     Reshape(W.shape) * alpha``, alpha stored as float16 and widened by a Cast; every input is an
-    initializer, so runtimes fold it at load. The
-    last Mul carries the metadata ``slimgraph.binary_weight`` = ``axis=A`` for backends.
+    initializer, so runtimes fold it at load. The flattening Reshape and the Slice are left out
+    where W's size is a multiple of 8 (no padding bits), and the small constants every layer uses
+    the same way live once in ``shared``. The last Mul carries the metadata
+    ``slimgraph.binary_weight`` = ``axis=A`` for backends.
     """
     weight = w.const_value.numpy()
     packed, alpha = binary_weight(weight, axis)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    const = {
-        "bits": packed,
+    common_consts = {
         "shifts": np.arange(7, -1, -1, dtype=np.uint8),
         "two_u8": np.array(2, np.uint8),
         "axes": np.array([1], np.int64),
-        "flat": np.array([-1], np.int64),
-        "start": np.array([0], np.int64),
-        "stop": np.array([weight.size], np.int64),
         "two": np.array(2, np.float32),
         "one": np.array(1, np.float32),
-        "shape": np.array(weight.shape, np.int64),
     }
-    v = {k: add_initializer(graph, namer, f"{w.name}_binary_{k}", a) for k, a in const.items()}
+    padded = weight.size % 8 != 0
+    if padded:
+        common_consts |= {"flat": np.array([-1], np.int64), "start": np.array([0], np.int64)}
+    for k, a in common_consts.items():
+        if k not in shared:
+            shared[k] = add_initializer(graph, namer, f"binary_decode_{k}", a)
+    v = dict(shared)
+    own = {"bits": packed, "shape": np.array(weight.shape, np.int64)}
+    if padded:
+        own["stop"] = np.array([weight.size], np.int64)
+    v |= {k: add_initializer(graph, namer, f"{w.name}_binary_{k}", a) for k, a in own.items()}
     half = alpha.reshape(shape).astype(np.float16)
     v["alpha"] = (add_stored_as(graph, namer, f"{w.name}_binary_alpha", half.astype(np.float32), np.float16)
                   if np.isfinite(half).all() and (half > 0).all() == (alpha > 0).all()
@@ -130,8 +137,8 @@ def _binary_decode(
         ("Unsqueeze", [v["bits"], v["axes"]], {}, ir.DataType.UINT8),
         ("BitShift", [None, v["shifts"]], {"direction": "RIGHT"}, ir.DataType.UINT8),
         ("Mod", [None, v["two_u8"]], {}, ir.DataType.UINT8),
-        ("Reshape", [None, v["flat"]], {}, ir.DataType.UINT8),
-        ("Slice", [None, v["start"], v["stop"]], {}, ir.DataType.UINT8),
+        *([("Reshape", [None, v["flat"]], {}, ir.DataType.UINT8),
+           ("Slice", [None, v["start"], v["stop"]], {}, ir.DataType.UINT8)] if padded else []),
         ("Cast", [None], {"to": FLOAT}, FLOAT),
         ("Mul", [None, v["two"]], {}, FLOAT),
         ("Sub", [None, v["one"]], {}, FLOAT),
@@ -231,6 +238,7 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
     namer = Namer(graph)
     counts = Counts()
     decoded: dict[tuple[ir.Value, int], ir.Value] = {}
+    shared: dict[str, ir.Value] = {}  # decode constants every binary layer uses
     for node in list(graph):
         if (
             node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx")
@@ -249,7 +257,7 @@ def apply_weight_only(model: ir.Model, mode: str, block: int, keep_float: set[st
         w = node.inputs[1]
         if (w, axis) not in decoded:
             if mode == "binary":
-                new_nodes = _binary_decode(graph, namer, node, w, axis)
+                new_nodes = _binary_decode(graph, namer, node, w, axis, shared)
             else:
                 q, scales = quantize_int4_blocks(w.const_value.numpy(), axis, block)
                 wq = add_initializer(graph, namer, f"{w.name}_int4", q)
