@@ -4,7 +4,10 @@ Constant folding is onnxscript's folder (nodes whose inputs are all constants ar
 the ONNX reference implementation and become initializers), with two fixes for onnxscript 0.7.2:
 its CastLike -> Cast rewrite drops ``saturate`` (restored here), and a partial evaluator that
 raises (SplitToSequence with a scalar ``split`` graph input) aborts the whole pass (here the
-node is left as it is and the failure is noted in the report).
+node is left as it is and the failure is noted in the report). Where the ONNX reference
+implementation itself fails on a node (onnx 1.23's GatherElements on MiniLM's position ids),
+onnxscript logs a bare "Evaluation failed" warning per attempt; here it is one report note
+naming the node.
 
 BatchNormalization folding. In inference mode BN computes, per channel c,
 
@@ -54,10 +57,30 @@ class _ConstantFolder(_constant_folding.FoldConstantsPass):
         )
         self.folded = 0
         self.failures: list[str] = []
+        self._node: ir.Node | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        _constant_folding.logger.addFilter(self._evaluator_failure)
+        try:
+            return super().call(model)
+        finally:
+            _constant_folding.logger.removeFilter(self._evaluator_failure)
+
+    def _evaluator_failure(self, record: logging.LogRecord) -> bool:
+        """Turn onnxscript's "Evaluation failed" warning into one failure note for the node."""
+        if not record.getMessage().startswith("Evaluation failed") or self._node is None:
+            return True
+        reason = (f"{self._node.op_type} node {self._node.name!r} left unfolded: the ONNX "
+                  f"reference implementation failed: {record.args[0] if record.args else ''}")
+        if reason not in self.failures:
+            logger.info("fold-constants: %s", reason)
+            self.failures.append(reason)
+        return False
 
     def process_node(
         self, node: ir.Node, is_function: bool
     ) -> _constant_folding.Replacement | None:
+        self._node = node
         try:
             replacement = super().process_node(node, is_function)
         except RuntimeError as exc:
