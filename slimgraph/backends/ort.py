@@ -49,7 +49,7 @@ def session_options(config: dict[str, Any]) -> ort.SessionOptions:
 
 
 def session_for(model: bytes | str | Path, config: dict[str, Any] | None = None,
-                providers: list | None = None) -> ort.InferenceSession:
+                providers: list | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
     """An InferenceSession on a serialized model or a path, CPU unless ``providers`` say otherwise.
 
     ``config["disabled_optimizers"]`` names onnxruntime graph transformers to skip; without it, a
@@ -60,10 +60,34 @@ def session_for(model: bytes | str | Path, config: dict[str, Any] | None = None,
     cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
     disabled = config.get("disabled_optimizers", list(CPU_DISABLED_OPTIMIZERS) if cpu_only else [])
     source = model if isinstance(model, bytes) else str(model)
+    options = session_options(config)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(
-        source, sess_options=session_options(config), providers=providers,
-        disabled_optimizers=list(disabled) or None,
+        source, sess_options=options, providers=providers, disabled_optimizers=list(disabled) or None,
     )
+
+
+def kernel_time_by_op(model: bytes | str | Path, feed: dict[str, np.ndarray], runs: int = 20,
+                      config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Microseconds per run spent in each op type's kernels, from onnxruntime's profiler (CPU),
+    after five warm-up runs; op types as onnxruntime ran them (after its fusions), costliest first."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = session_for(model, config, profile_prefix=str(Path(tmp) / "profile"))
+        wanted = {i.name for i in session.get_inputs()}
+        inputs = {k: v for k, v in feed.items() if k in wanted}
+        for _ in range(5 + runs):
+            session.run(None, inputs)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_op: dict[str, float] = {}
+    for e in kernels[len(kernels) * 5 // (5 + runs):]:  # the warm-up runs come first
+        op = e["args"]["op_name"]
+        per_op[op] = per_op.get(op, 0.0) + e["dur"] / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
 def runner_for(session: ort.InferenceSession) -> Runner:

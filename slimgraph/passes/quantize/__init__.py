@@ -383,7 +383,8 @@ class InsertQDQPass(SlimgraphPass):
         if ratio >= 1.0:
             warning = (
                 f"WARNING: speed guard: the int8 model is NOT faster than fp32 in onnxruntime here "
-                f"(int8/fp32 latency {ratio:.2f}x); check the activation type and which nodes fused"
+                f"(int8/fp32 latency {ratio:.2f}x); where the time goes, per run: "
+                f"{_kernel_summary(model, feed)} (int8) vs {_kernel_summary(float_model, feed)} (fp32)"
             )
             logger.warning("quantize: %s", warning)
             self.report.notes.append(warning)
@@ -420,6 +421,15 @@ def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds, threa
             took[k] = time.perf_counter() - start
         ratios.append(took[1] / took[0])
     return statistics.median(ratios)
+
+
+def _kernel_summary(model: ir.Model, feed: Feeds, top: int = 4) -> str:
+    """The costliest op types of ``model`` in onnxruntime's profiler, as onnxruntime fused them."""
+    from slimgraph.backends.ort import kernel_time_by_op
+
+    per_op = kernel_time_by_op(serialize(model), feed, config={"allow_spinning": False,
+                                                                "intra_op_num_threads": 2})
+    return ", ".join(f"{op} {us:.0f} us" for op, us in list(per_op.items())[:top])
 
 
 def _time_once(session, feed: Feeds) -> float:
