@@ -131,6 +131,8 @@ def test_bad_options_name_the_option(tmp_path: Path) -> None:
         TVM_LLVM.build(model, tmp_path, {"mcpu": "not-a-cpu"})
     with pytest.raises(BackendError, match="prepack='yes'"):
         TVM_LLVM.build(model, tmp_path, {"prepack": "yes"})
+    with pytest.raises(BackendError, match="layout='NCWH' must be one of NCHW, NHWC"):
+        TVM_LLVM.build(model, tmp_path, {"layout": "NCWH"})
     with pytest.raises(BackendError, match="arch="):
         TVM_CUDA.build(model, tmp_path, {"arch": "90"})
 
@@ -285,6 +287,17 @@ def test_tuning_database_is_reused(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     (want,) = session_for(proto.SerializeToString()).run(None, {"x": x})
     assert _rel_err(TVM_LLVM.load(second)({"x": x})[0], want) < 1e-4
+
+
+@pytest.mark.slow
+def test_tuned_nhwc_convolutions_match_onnxruntime(tmp_path: Path) -> None:
+    """The default tuned CPU layout converts the convolutions to NHWC (and back at the outputs);
+    a tiny budget again: plumbing and exactness, not speed."""
+    options = {"tune": 4, "batch": 2, "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    built = TVM_LLVM.build(ir.from_proto(make_tiny_cnn()), tmp_path / "a", options)
+    assert built.options["layout"] == "NHWC" and built.options["tuning"]["layout"] == "NHWC"
+    feeds = {"image": _image(3, seed=9)}
+    assert _rel_err(TVM_LLVM.load(built)(feeds)[0], _ort_outputs(feeds)[0]) < 1e-4
 
 
 @pytest.mark.slow

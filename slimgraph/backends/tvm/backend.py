@@ -4,7 +4,8 @@ Untuned builds use TVM's default schedules, which are far slower than onnxruntim
 `tune=N` runs MetaSchedule for N trials (static shapes only: the batch is fixed to `batch=`,
 default 1) and keeps the tuning database under ~/.cache/slimgraph/tvm/<key>/, keyed by the model
 and target, so a second export of the same model reuses it. On CPU, ``prepack`` (default on) lets
-the tuner choose packed weight layouts, which are computed at build time and stored in the `.so`.
+the tuner choose packed weight layouts, which are computed at build time and stored in the `.so`,
+and ``layout`` (default NHWC) is the activation layout its convolutions are tuned in.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from slimgraph.verify import Runner
 
 DEFAULT_CACHE = Path.home() / ".cache" / "slimgraph" / "tvm"
 DEFAULT_CUDA_ARCH = "sm_90"
+LAYOUTS = ("NCHW", "NHWC")  # of the convolutions a tuned CPU build schedules
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class TvmBackend:
         options: dict[str, Any] = {"tune": 0, "batch": None, "cache_dir": str(DEFAULT_CACHE)}
         if self.kind == "llvm":
             options |= {"mcpu": "host", "threads": 0,  # 0: the TVM runtime's default
-                        "prepack": True}
+                        "prepack": True, "layout": "NHWC"}
         else:
             options |= {"arch": DEFAULT_CUDA_ARCH}
         return options
@@ -173,6 +175,9 @@ class TvmBackend:
                 raise BackendError(f"{self.name}: {key}={config[key]!r} must be an integer >= 0")
         if not isinstance(config.get("prepack", False), bool):
             raise BackendError(f"{self.name}: prepack={config['prepack']!r} must be true or false")
+        if config.get("layout", "NCHW") not in LAYOUTS:
+            raise BackendError(f"{self.name}: layout={config['layout']!r} must be one of "
+                               f"{', '.join(LAYOUTS)}")
         if config["batch"] is not None and (not isinstance(config["batch"], int)
                                             or config["batch"] < 1):
             raise BackendError(f"{self.name}: batch={config['batch']!r} must be an integer >= 1")

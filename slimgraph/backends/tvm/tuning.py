@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 from slimgraph.errors import BackendError
 
 TUNE_SEED = 0
+MAX_TRIALS_PER_ROUND = 64
 
 
 def load_cpu_tensor_intrinsics() -> None:
@@ -38,6 +40,15 @@ def load_cpu_tensor_intrinsics() -> None:
     importlib.import_module(f"{name}.x86")
 
 
+def _drop_unnamed_log_handlers() -> None:
+    """apache-tvm 0.27's MetaSchedule sets up its log files with a logging dictConfig that lists
+    its logger's current handlers by name, and fails on an unnamed one (pytest's log capture adds
+    some between tests). dictConfig replaces that logger's handlers anyway."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
+
+
 def tuning_key(mod, target) -> str:
     """A key for the tuning database: the Relax module's structural hash and the target."""
     import tvm_ffi
@@ -57,8 +68,13 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
         load_cpu_tensor_intrinsics()
     trials = config["tune"]
     prepack = bool(config.get("prepack"))
+    layout = config.get("layout", "NCHW")
     with target:
         mod = tvm.transform.Sequential([
+            # channels-last convolutions vectorise over channels on CPU; the weights' transposes
+            # fold into constants, the input's and the output's become (small) tasks of their own
+            *([relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})]
+              if layout == "NHWC" else []),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             relax.get_pipeline("zero"),
@@ -74,6 +90,11 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
             shutil.rmtree(work_dir)  # a smaller or interrupted run: tune afresh
         work_dir.mkdir(parents=True)
         tasks = ms.relax_integration.extract_tasks(mod, target)
+        # each round of a task costs an evolutionary search (~1 min on 2 cores, whatever its
+        # size) before its candidates are built and measured: rounds of up to 64 candidates
+        # spend the budget on measurements, while every task still gets a round
+        per_round = max(1, min(MAX_TRIALS_PER_ROUND, trials // max(len(tasks), 1)))
+        _drop_unnamed_log_handlers()
         started = time.perf_counter()
         try:
             ms.relax_integration.tune_relax(
@@ -83,7 +104,7 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
                 # but every task gets at least one round first: an untried task keeps the
                 # default schedule, which is the slow one
                 max_trials_per_task=trials,
-                num_trials_per_iter=max(1, min(16, trials // max(len(tasks), 1))),
+                num_trials_per_iter=per_round,
                 builder=ms.builder.LocalBuilder(
                     initializer=load_cpu_tensor_intrinsics if target.kind.name == "llvm" else None,
                     timeout_sec=120,
@@ -93,7 +114,8 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
             )
         except Exception as exc:
             raise BackendError(f"{backend}: MetaSchedule tuning failed: {exc}") from exc
-        record = {"trials": trials, "tasks": len(tasks), "key": key,
+        record = {"trials": trials, "tasks": len(tasks), "trials_per_round": per_round,
+                  "layout": layout, "key": key,
                   "seconds": round(time.perf_counter() - started, 1)}
         record_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         cache = "miss"
