@@ -41,8 +41,12 @@ class ExportResult:
 
     @property
     def warnings(self) -> list[str]:
-        """What a user must know about this artifact: unverified or untuned builds."""
-        out = [f"{name}: built but NOT verified ({why})" for name, why in self.unverified.items()]
+        """What a user must know about this artifact: unverified or untuned builds, and the passes'
+        own warnings (report notes that start with ``WARNING:``, such as the quantize guards')."""
+        out = [f"{report['name']}: {note.removeprefix('WARNING: ')}"
+               for report in self.manifest.get("passes", []) for note in report["notes"]
+               if note.startswith("WARNING: ")]
+        out += [f"{name}: built but NOT verified ({why})" for name, why in self.unverified.items()]
         for name, built in self.built.items():
             if built.options.get("untuned"):
                 out.append(f"{name}: untuned build (default schedules); expect it slower than "

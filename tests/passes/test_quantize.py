@@ -308,6 +308,15 @@ def test_guard_that_cannot_hold_names_the_first_diverging_tensor():
     assert qpass.report.counts["layers_float"] == 0
 
 
+def test_export_surfaces_a_missed_guard_as_a_warning(tmp_path: Path):
+    path = tmp_path / "outlier.onnx"
+    onnx.save(_outlier_mlp(), path)
+    result = slimgraph.export(path, tmp_path / "out", passes="quantize:int8,tolerance=0.99,max_float=0",
+                              calibration=_outlier_feeds(32, 0), allow_mismatch=True)
+    (warning,) = [w for w in result.warnings if "accuracy guard" in w]
+    assert warning.startswith("quantize: accuracy guard: tolerance 0.99 missed; first diverging tensor: a")
+
+
 def test_first_divergence_finds_a_perturbed_layer_and_not_before():
     proto = _outlier_mlp()
     changed = onnx.ModelProto()

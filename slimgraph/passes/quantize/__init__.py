@@ -370,7 +370,8 @@ class InsertQDQPass(SlimgraphPass):
             build(keep_float, candidate)
             first = first_divergence(model, candidate, held_out, dtypes, threshold)
             where = first.describe() if first else "no single tensor below the tolerance"
-            self.report.notes.append(f"accuracy guard: first diverging tensor: {where}")
+            self.report.notes.append(f"WARNING: accuracy guard: tolerance {threshold:g} missed; "
+                                     f"first diverging tensor: {where}")
             logger.warning("quantize: tolerance %g missed; first diverging tensor: %s", threshold, where)
         return keep_float
 
