@@ -34,6 +34,7 @@ from onnxruntime.quantization import (
 from torch import nn
 
 import slimgraph
+from slimgraph.backends.ort import kernel_time_by_op
 from slimgraph.calibration import Calibration
 from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import resnet_tiny
@@ -60,11 +61,8 @@ class _Reader(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def _session(model: bytes | str, profile_prefix: str | None = None) -> ort.InferenceSession:
+def _session(model: bytes | str) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -89,21 +87,6 @@ def _latencies(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.nda
                 s.run(None, feed)
             times[name].append((time.perf_counter() - t) / per_round)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _op_profile(model: bytes | str, feed: dict[str, np.ndarray], runs: int, prefix: str) -> dict[str, float]:
-    """Microseconds per run spent in each op type's kernels (onnxruntime's profiler, after warmup)."""
-    session = _session(model, prefix)
-    for _ in range(runs + 5):
-        session.run(None, feed)
-    trace = Path(session.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink()
-    kernel = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_op: dict[str, float] = {}
-    for e in kernel[len(kernel) * 5 // (runs + 5):]:  # drop the warmup runs
-        per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / runs
-    return {k: round(v, 1) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
 def bench_model(label: str, model, calibration: Calibration, evaluation: list[dict[str, np.ndarray]],
@@ -143,9 +126,11 @@ def bench_model(label: str, model, calibration: Calibration, evaluation: list[di
         medians = _latencies(sessions, {name: images[:batch]}, rounds, 0.2)
         latency[batch] = {k: {"ms": round(v * 1e3, 4), "vs_fp32": round(v / medians["fp32"], 3)}
                           for k, v in medians.items()}
-        profile[batch] = {k: _op_profile(models[k], {name: images[:batch]}, 200 if batch == 1 else 30,
-                                         str(tmp / f"{label}_{batch}"))
-                          for k in ("fp32", "slimgraph int8")}
+        profile[batch] = {
+            k: {op: round(us, 1) for op, us in kernel_time_by_op(
+                models[k], {name: images[:batch]}, 200 if batch == 1 else 100,
+                {"intra_op_num_threads": THREADS, "allow_spinning": False}).items()}
+            for k in ("fp32", "slimgraph int8")}
     size = {k: (Path(v).stat().st_size if isinstance(v, str) else len(v)) for k, v in models.items()}
     return {
         "model": label,
