@@ -604,6 +604,19 @@ def test_smooth_auto_rivals_the_best_fixed_strength_on_int4_outliers():
     assert any(note.startswith("smooth: auto (") for note in qpass.report.notes)
 
 
+def test_smooth_on_a_graph_without_groups_changes_nothing():
+    # a Conv-only model: no MatMul/Gemm to smooth, so no probe outputs and no factors (asking
+    # onnxruntime for no outputs would return all of them)
+    w = np.random.default_rng(0).standard_normal((8, 8, 1, 1)).astype(np.float32)
+    proto = _single_layer("Conv", w, [4, 8, 3, 3], {})
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((4, 8, 3, 3)).astype(np.float32)} for _ in range(8)]
+    assert channel_statistics(ir.from_proto(proto), [], feeds, sample_rows=8) == ({}, {})
+    for smooth in (0.5, "auto"):
+        _, qpass, _ = _quantize(proto, feeds, smooth=smooth)
+        assert qpass.report.counts["layers_smoothed"] == 0 and qpass.report.counts["layers_quantized"] == 1
+
+
 def test_smooth_auto_keeps_weights_that_quantize_exactly():
     # int8-exact weights (integers, 127 at the top of every column) read by outlier inputs: any
     # smoothing would only add rounding error, so the search picks no factors and adds no Mul

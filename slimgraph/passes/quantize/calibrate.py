@@ -144,6 +144,8 @@ def channel_statistics(
     """Per named float value: max |x| per channel (the last axis) over ``feeds``, and up to
     ``sample_rows`` of its rows (vectors along the last axis) drawn evenly from every feed."""
     session, outputs = probe_session(model, names)
+    if not outputs:  # (session.run with no output names would return every graph output)
+        return {}, {}
     feeds = list(feeds)
     rng = np.random.default_rng(seed)
     per_feed = -(-sample_rows // max(len(feeds), 1))
