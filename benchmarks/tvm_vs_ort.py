@@ -6,7 +6,8 @@ the other's cores); each figure is the median over calls. Ratios > 1 mean TVM is
 tuned build fixes the batch, runs MetaSchedule for ``--tune`` trials and (``prepack``, the
 default) lets it pick packed weight layouts, baked into the library.
 
-    .venv/bin/python benchmarks/tvm_vs_ort.py [--models digits-cnn,mlp] [--tune 200] [--batches 1,64]
+    .venv/bin/python benchmarks/tvm_vs_ort.py [--models digits-cnn,mlp] [--batches 1,64]
+        [--tune 200 | --tune digits-cnn=384,resnet-tiny@1=1280,mlp=200] [--layout NHWC]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _feeds(loaded, batch: int) -> dict[str, np.ndarray]:
             for k, v in loaded.verification_feeds[0].items()}
 
 
-def bench_model(name: str, batch: int, tune: int, cache_dir: str, repeat: int) -> dict:
+def bench_model(name: str, batch: int, tune: int, layout: str, cache_dir: str,
+                repeat: int) -> dict:
     loaded = load(name)
     model = loaded.model
     feeds = _feeds(loaded, batch)
@@ -49,7 +51,7 @@ def bench_model(name: str, batch: int, tune: int, cache_dir: str, repeat: int) -
         variants = {"tvm-untuned": {"threads": THREADS}}
         if tune:
             variants["tvm-tuned"] = {"threads": THREADS, "tune": tune, "batch": batch,
-                                     "cache_dir": cache_dir}
+                                     "layout": layout, "cache_dir": cache_dir}
         for label, options in variants.items():
             start = time.perf_counter()
             built = TVM_LLVM.build(model, Path(tmp) / label, options)
@@ -79,35 +81,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits-cnn,resnet-tiny,mlp")
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials (0: untuned only)")
+    parser.add_argument("--tune", default="0", help="MetaSchedule trials in all (0: untuned only), "
+                        "one number or model=N,... per model")
+    parser.add_argument("--layout", default="NHWC", choices=["NCHW", "NHWC"],
+                        help="convolution layout of the tuned builds")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/slimgraph/tvm"))
     parser.add_argument("--repeat", type=int, default=200, help="timed calls per candidate")
     parser.add_argument("--out", default="tvm_vs_ort")
     args = parser.parse_args()
+    models = args.models.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    budgets = _budgets(args.tune, models, batches)
     rows = []
-    for name in args.models.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            row = bench_model(name, batch, args.tune, args.cache_dir, args.repeat)
+    for name in models:
+        for batch in batches:
+            row = bench_model(name, batch, budgets[name, batch], args.layout, args.cache_dir,
+                              args.repeat)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = {"threads": THREADS, "tune_trials": args.tune, "repeat": args.repeat,
+    meta = {"threads": THREADS, "tune_trials": {f"{m}@{b}": n for (m, b), n in budgets.items()},
+            "tune_spec": args.tune, "layout": args.layout, "repeat": args.repeat,
             "shared_machine": SHARED_NOTE,
             "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# tvm-llvm vs ort-cpu ({THREADS} threads, interleaved medians; ratio > 1: TVM slower)",
-             "", f"MetaSchedule trials for the tuned column: {args.tune or 'not run'} (static batch, "
-             "weight prepack on).", "", f"Note: {SHARED_NOTE}.", "",
-             "| model | batch | ort-cpu ms | TVM untuned ms (ratio) | TVM tuned ms (ratio) | tuning s |",
-             "|---|---|---|---|---|---|"]
+             "", f"Tuned column: MetaSchedule (static batch, weight prepack on, {args.layout} "
+             "convolutions); trials per row below.", "", f"Note: {SHARED_NOTE}.", "",
+             "| model | batch | ort-cpu ms | TVM untuned ms (ratio) | TVM tuned ms (ratio) | trials "
+             "(tasks, per round) | tuning s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         tuned = (f"{r['ms']['tvm-tuned']} ({r['ratio_vs_ort']['tvm-tuned']}x)"
                  if "tvm-tuned" in r["ms"] else "-")
         tuning = (r["builds"].get("tvm-tuned") or {}).get("tuning") or {}
         lines.append(f"| {r['model']} | {r['batch']} | {r['ms']['ort-cpu']} | "
                      f"{r['ms']['tvm-untuned']} ({r['ratio_vs_ort']['tvm-untuned']}x) | {tuned} | "
-                     f"{tuning.get('seconds', '-')} |")
+                     f"{_trials(tuning)} | {tuning.get('seconds', '-')} |")
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+
+
+def _budgets(spec: str, models: list[str], batches: list[int]) -> dict[tuple[str, int], int]:
+    """``200`` (every row), or ``digits-cnn=384,resnet-tiny@1=1280`` per model or model@batch,
+    the most specific winning (0 for a row not named)."""
+    if "=" not in spec:
+        return {(m, b): int(spec) for m in models for b in batches}
+    named = {k: int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    return {(m, b): named.get(f"{m}@{b}", named.get(m, 0)) for m in models for b in batches}
+
+
+def _trials(tuning: dict) -> str:
+    if not tuning:
+        return "-"
+    return f"{tuning['trials']} ({tuning['tasks']}, {tuning.get('trials_per_round', '16 max')})"
 
 
 if __name__ == "__main__":
