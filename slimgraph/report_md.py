@@ -69,7 +69,7 @@ def render_report(manifest: dict[str, Any]) -> str:
             lines.append(f"\n**{name}**: {failure}")
     for name, entry in manifest["backends"].items():
         if entry["options"].get("untuned"):
-            lines.append(f"\n**{name}**: untuned build (default schedules): measured 2-40x slower "
+            lines.append(f"\n**{name}**: untuned build (default schedules): measured 2-90x slower "
                          "than onnxruntime on CPU; export with `tune=N` to tune it.")
     lines += ["", "## Versions", ""]
     lines += [f"- {k} {v}" for k, v in sorted(manifest["versions"].items())]

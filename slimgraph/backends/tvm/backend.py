@@ -149,10 +149,11 @@ class TvmBackend:
         config["target"] = json.loads(str(target))  # Target prints as its JSON dict
         config["untuned"] = not config["tune"]
         if config["untuned"] and self.kind == "llvm":
-            # measured (benchmarks/results/tvm_vs_ort.md): 2-40x slower than ort-cpu untuned,
-            # 1-2.3x tuned with 200 trials
-            logger.warning("%s: untuned build (TVM default schedules), measured 2-40x slower "
-                           "than ort-cpu; add tune=N (e.g. tune=200) to run MetaSchedule", self.name)
+            # measured (benchmarks/results/tvm_vs_ort.md): 2-90x slower than ort-cpu untuned;
+            # tuned with 384-1280 trials 0.75-1.15x, resnet-tiny at batch 64 2.5x
+            logger.warning("%s: untuned build (TVM default schedules), measured 2-90x slower "
+                           "than ort-cpu; add tune=N (e.g. tune=640, ~40-64 trials per tuning "
+                           "task) to run MetaSchedule", self.name)
         files = [f"{self.name}/{IO_FILE}", f"{self.name}/{LIBRARY_FILE}"]
         return BuiltArtifact(self.name, root, files, config, f"{self.name}/{IO_FILE}")
 
