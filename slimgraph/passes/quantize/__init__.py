@@ -79,6 +79,7 @@ INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
 BINARY_TOLERANCE = Tolerance(max_rel_err=1e9, min_cosine=-1.0, min_top1=0.0)
 _SPEED_BUDGET_S = 1.5  # seconds of timed calls the speed guard spends
 _SPEED_MIN_ROUNDS, _SPEED_MAX_ROUNDS = 15, 2000
+_SPEED_SESSION = {"allow_spinning": False, "intra_op_num_threads": 2}  # timed and profiled alike
 _SEARCH_ROWS = 1024  # calibration rows per smoothed input that smooth=auto scores candidates on
 
 
@@ -317,12 +318,8 @@ class InsertQDQPass(SlimgraphPass):
         ``quantize_int4_blocks`` would make ``smooth=auto`` 3x slower for the same choices.
         """
         if self.mode == "int4":
-            k, block = weight.shape[0], self.block
-            padded = np.zeros((-(-k // block) * block, weight.shape[1]))
-            padded[:k] = weight
-            amax = np.abs(padded.reshape(-1, block, weight.shape[1])).max(axis=1)
-            steps = np.repeat(np.where(amax > 0, amax / 7, 1.0), block, axis=0)[:k]
-            return np.clip(np.round(weight / steps), -8, 7) * steps
+            q, scales = quantize_int4_blocks(weight, 0, self.block, search=False)
+            return q.astype(np.float64) * np.repeat(scales, self.block, axis=0)[: weight.shape[0]]
         q, scales = quantize_weight(weight, 1, self.target().reduce_range)
         return q.astype(np.float64) * scales[None, :]
 
@@ -393,7 +390,7 @@ class InsertQDQPass(SlimgraphPass):
             self.report.notes.append(f"speed guard: int8/fp32 latency {ratio:.2f}x in onnxruntime")
 
 
-def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds, threads: int = 2,
+def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds,
                   budget_s: float = _SPEED_BUDGET_S) -> float:
     """Median quantized latency over median float latency, one call of each at a time in
     rotating order for about ``budget_s`` (onnxruntime CPU, no spinning): the method of
@@ -406,8 +403,7 @@ def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds, threa
     from slimgraph.backends.ort import session_for
     from slimgraph.bench.timing import interleaved
 
-    config = {"allow_spinning": False, "intra_op_num_threads": threads}
-    sessions = [session_for(serialize(m), config) for m in (float_model, quantized)]
+    sessions = [session_for(serialize(m), _SPEED_SESSION) for m in (float_model, quantized)]
     inputs = [inputs_of(s, feed) for s in sessions]
     pairs = list(zip(sessions, inputs, strict=True))
     once = max(min(_time_once(s, x), _time_once(s, x)) for s, x in pairs)  # the first call is cold
@@ -421,8 +417,7 @@ def _kernel_summary(model: ir.Model, feed: Feeds, top: int = 4) -> str:
     """The costliest op types of ``model`` in onnxruntime's profiler, as onnxruntime fused them."""
     from slimgraph.backends.ort import kernel_time_by_op
 
-    per_op = kernel_time_by_op(serialize(model), feed, config={"allow_spinning": False,
-                                                                "intra_op_num_threads": 2})
+    per_op = kernel_time_by_op(serialize(model), feed, config=_SPEED_SESSION)
     return ", ".join(f"{op} {us:.0f} us" for op, us in list(per_op.items())[:top])
 
 
