@@ -458,7 +458,8 @@ class _Plan:
                     bias_axis = arrays[(node, 2)].ndim - 1
                     slices[(node, 2)] = {bias_axis: self.keep(out_site.elems)}
         names = {v.name for v in _all_values(graph)}
-        for key in {*arrays, *slices}:
+        # In the order recorded, not a set's: initializer order and names must not vary run to run.
+        for key in dict.fromkeys([*arrays, *slices]):
             node, index = key
             array = arrays.get(key)
             if array is None:

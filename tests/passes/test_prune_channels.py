@@ -738,3 +738,13 @@ def test_planted_dead_heads_and_neurons_in_minilm():
     p = _plant_and_prune("minilm", plant)
     assert p.report.counts["heads_removed"] == 2
     assert p.report.counts["dead_channels"] == 2 * 3 * 32 + 1
+
+
+def test_importance_pruning_writes_the_same_bytes_every_time():
+    """Initializers are rewritten in a recorded order (a set of nodes once made it vary)."""
+    loaded = slimgraph.load("resnet-tiny")
+    outputs = []
+    for _ in range(3):
+        model, _ = Pipeline.parse("fold-constants,prune-channels:ratio=0.5").run(loaded.model.clone())
+        outputs.append(ir.to_proto(model).SerializeToString(deterministic=True))
+    assert outputs[0] == outputs[1] == outputs[2]
