@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--calib", metavar="FILE.npz", help="calibration/verification inputs")
     exp.add_argument("--input", action="append", default=[], metavar="NAME=DxDxD",
                      help="input shape, repeatable")
+    exp.add_argument("--train", metavar="FILE.npz",
+                     help="training inputs (+ optional `labels`) for heal passes; default: the "
+                          "model's own training data, else the calibration set")
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.add_argument("--allow-mismatch", action="store_true",
                      help="keep the artifact even if verification exceeds the tolerance")
@@ -125,7 +128,8 @@ def _export(args: argparse.Namespace) -> int:
         result = slimgraph.export(
             args.model, args.out, passes=passes, backends=args.backend or ["ort-cpu"],
             calibration=args.calib, inputs=_inputs(args.input), force=args.force,
-            allow_mismatch=args.allow_mismatch, build_only=args.build_only, on_stage=on_stage,
+            allow_mismatch=args.allow_mismatch, build_only=args.build_only, train=args.train,
+            on_stage=on_stage, on_progress=lambda text: status.update(f"[bold]{text}[/]"),
         )
     if args.json:
         print(json.dumps({"out": str(result.out), "passed": result.passed,
@@ -157,7 +161,9 @@ def _print_export(console: Console, result) -> None:
     console.print(table)
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-    console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    console.print("time: " + ", ".join(
+        f"{k.removesuffix(' samples_per_s')} {v:.0f} samples/s" if k.endswith("samples_per_s")
+        else f"{k} {v:.2f}s" for k, v in result.timings.items()))
 
 
 def _split(text: str) -> list[str]:

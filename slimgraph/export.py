@@ -69,13 +69,17 @@ def export(
     force: bool = False,
     allow_mismatch: bool = False,
     build_only: bool = False,
+    train: str | Path | None = None,
     on_stage: StageCallback | None = None,
+    on_progress: StageCallback | None = None,
 ) -> ExportResult:
     """Export MODEL to an artifact directory ``out`` and verify every backend against the float
     reference; raises VerificationError on a mismatch unless ``allow_mismatch``.
 
     ``build_only`` lets a backend that cannot run here but can be compiled (tvm-cuda without a
-    GPU) be built; its manifest entry then says it is unverified, and why.
+    GPU) be built; its manifest entry then says it is unverified, and why. ``train`` is an .npz
+    of training inputs (+ ``labels``) for ``heal`` passes (default: the model's own training data).
+    ``on_progress`` receives transient progress lines (heal's steps) where ``on_stage`` gets stages.
     """
     stage = on_stage or (lambda _name: None)
     timings: dict[str, float] = {}
@@ -111,6 +115,11 @@ def export(
     t = time.perf_counter()
     stage("passes")
     pipeline.bind_calibration(loaded.calibration)
+    if pipeline.needs_training:
+        from slimgraph.heal.data import training_data
+
+        stage("training data")
+        pipeline.bind_training(training_data(loaded, train), on_progress)
     ir_model, reports = pipeline.run(ir_model)
     timings["passes"] = time.perf_counter() - t
 
@@ -185,6 +194,9 @@ def export(
         write_json(root / MANIFEST, manifest)
     for built in built_by_name.values():
         built.root = out  # the staging dir was renamed into place
+    for report in reports:
+        for key, value in report.timing.items():
+            timings[f"{report.name} {key}"] = value
     return ExportResult(out, manifest, verifications, timings, built_by_name, unverified)
 
 
@@ -215,6 +227,7 @@ def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str
 def _report_json(report) -> dict[str, Any]:
     data = report.to_json()
     data.pop("seconds", None)  # timings vary run to run; the manifest must not
+    data.pop("timing", None)
     return data
 
 

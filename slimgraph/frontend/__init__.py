@@ -43,6 +43,7 @@ class LoadedModel:
     evaluation: Any = None  # builtin.EvalData: the whole held-out set, with labels where known
     module: Any = None  # the torch.nn.Module, when the source is torch (bench's torch peers)
     input_names: list[str] = dataclasses.field(default_factory=list)
+    training: Any = None  # () -> builtin.TrainSplit: the built-in's training data, for heal
 
 
 def parse_input_spec(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -185,7 +186,7 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
     source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
     return LoadedModel(model, source, reference, feeds, calib, builtin.task, evaluation,
-                       builtin.module, list(builtin.input_names))
+                       builtin.module, list(builtin.input_names), builtin.training)
 
 
 def _torch_runner(module, names: list[str], torch_outputs) -> Runner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.fold_constants import FoldConstantsPass
+from slimgraph.passes.heal import HealWeightsPass
 from slimgraph.passes.pipeline import Pipeline, make_pass
 from slimgraph.passes.prune_channels import PruneChannelsPass
 from slimgraph.passes.quantize import InsertQDQPass
@@ -14,6 +15,7 @@ PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
     PruneChannelsPass.name: PruneChannelsPass,
     InsertQDQPass.name: InsertQDQPass,
+    HealWeightsPass.name: HealWeightsPass,
 }
 
 RECIPES: dict[str, str] = {
@@ -38,6 +40,7 @@ __all__ = [
     "PASSES",
     "RECIPES",
     "FoldConstantsPass",
+    "HealWeightsPass",
     "InsertQDQPass",
     "PassReport",
     "Pipeline",

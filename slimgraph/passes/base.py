@@ -24,6 +24,8 @@ class SlimgraphPass(ir.passes.InPlacePass):
     tolerance: ClassVar[Tolerance] = EXACT
     needs_calibration: ClassVar[bool] = False  # export() binds its Calibration before running
     calibration: Calibration | None = None
+    needs_training: ClassVar[bool] = False  # export() binds heal.data.TrainingData before running
+    training: Any = None
 
     def __init__(self) -> None:
         self.report = PassReport(self.name, options=self.options())

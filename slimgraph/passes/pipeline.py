@@ -13,7 +13,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph.calibration import Calibration
-from slimgraph.errors import PipelineSpecError
+from slimgraph.errors import PipelineSpecError, SlimgraphError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
@@ -110,10 +110,30 @@ class Pipeline:
                     raise PipelineSpecError(f"pass {p.name!r} needs calibration data (--calib)")
                 p.calibration = calibration
 
+    @property
+    def needs_training(self) -> bool:
+        return any(p.needs_training for p in self.passes)
+
+    def bind_training(self, training: Any, on_progress: Any = None) -> None:
+        """Give training data (heal.data.TrainingData) to the passes that train, and where they
+        report progress (a callable taking one line of text) if not to their own bar."""
+        for p in self.passes:
+            if p.needs_training and p.training is None:
+                p.training = training
+            if p.needs_training and on_progress is not None:
+                p.on_progress = on_progress
+
     def run(self, model: ir.Model) -> tuple[ir.Model, list[PassReport]]:
         if not self.passes:
             return model, []
-        result = ir.passes.Sequential(*self.passes)(model)
+        try:
+            result = ir.passes.Sequential(*self.passes)(model)
+        except ir.passes.PassError as exc:
+            # A pass's own SlimgraphError (an op it cannot handle, data it lacks) already names the
+            # pass and what to do: surface it as itself, so the CLI reports it and exits 2.
+            if isinstance(exc.__cause__, SlimgraphError):
+                raise exc.__cause__ from None
+            raise
         return result.model, [p.report for p in self.passes]
 
     def spec(self) -> str:

@@ -42,6 +42,7 @@ class PassReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     seconds: float = 0.0
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # kept out of the manifest
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:

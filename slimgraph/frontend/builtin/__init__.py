@@ -28,6 +28,20 @@ class EvalData:
 
 
 @dataclasses.dataclass
+class TrainSplit:
+    """Training inputs (sample axis 0) with int64 labels where the task has them, for heal.
+
+    ``held_out`` overrides the model's evaluation data as heal's held-out set (never trained on).
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+    held_out: list[dict[str, np.ndarray]] | None = None
+    held_out_labels: list[np.ndarray] | None = None
+
+
+@dataclasses.dataclass
 class BuiltinModel:
     """A ready-to-export float32 module in eval mode and the data that goes with it."""
 
@@ -40,6 +54,7 @@ class BuiltinModel:
     calibration: Callable[[int], list[dict[str, np.ndarray]]]  # n feeds of batch 1
     evaluation: Callable[[], EvalData]
     task: str  # "classification" (top-1 is meaningful), "embedding" or "regression"
+    training: Callable[[], TrainSplit] | None = None  # what heal trains on
 
 
 def _factory(module_name: str, function: str = "build") -> Callable[[], BuiltinModel]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from slimgraph.frontend.builtin import EvalData
+from slimgraph.frontend.builtin import EvalData, TrainSplit
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,13 @@ def evaluation_data(name: str, shape: Callable[[np.ndarray], np.ndarray]) -> Eva
     feeds = [{name: shape(split.x_test[i : i + EVAL_BATCH]).copy()} for i in starts]
     labels = [split.y_test[i : i + EVAL_BATCH].copy() for i in starts]
     return EvalData(feeds, labels)
+
+
+def training_split(name: str, shape: Callable[[np.ndarray], np.ndarray]) -> TrainSplit:
+    """The whole training split with its labels (what the shipped weights were trained on)."""
+    split = digits_split()
+    return TrainSplit({name: shape(split.x_train).copy()}, split.y_train.copy(),
+                      f"scikit-learn digits training split ({len(split.x_train)} images)")
 
 
 def fit(

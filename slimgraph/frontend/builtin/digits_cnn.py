@@ -71,6 +71,7 @@ def build() -> BuiltinModel:
         output_names=["logits"],
         calibration=lambda n: digits.calibration_feeds("image", n, _as_image),
         evaluation=lambda: digits.evaluation_data("image", _as_image),
+        training=lambda: digits.training_split("image", _as_image),
         task="classification",
     )
 

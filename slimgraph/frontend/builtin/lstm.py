@@ -62,6 +62,7 @@ def build() -> BuiltinModel:
         output_names=["logits"],
         calibration=lambda n: digits.calibration_feeds("sequence", n, _as_sequence),
         evaluation=lambda: digits.evaluation_data("sequence", _as_sequence),
+        training=lambda: digits.training_split("sequence", _as_sequence),
         task="classification",
     )
 

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimgraph.frontend.builtin import BuiltinModel, EvalData
+from slimgraph.frontend.builtin import BuiltinModel, EvalData, TrainSplit
 
 MAX_LENGTH = 64
 CALIBRATION_SENTENCES = 48  # the rest are held out for evaluation
 EVAL_BATCH = 8
+HEAL_HELD_OUT = 256  # held-out documentation sentences heal scores on
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -134,6 +135,20 @@ def build() -> BuiltinModel:
         batches = [held_out[i : i + EVAL_BATCH] for i in range(0, len(held_out), EVAL_BATCH)]
         return EvalData([tokenise(b) for b in batches], labels=None)
 
+    def training() -> TrainSplit:
+        """Python documentation sentences (they ship with CPython), split by hash into disjoint
+        training and held-out sets; heal distils the float encoder on them."""
+        from slimgraph.frontend.text import documentation_sentences, split_sentences
+
+        train, held = split_sentences(documentation_sentences())
+        held = held[:HEAL_HELD_OUT]
+        return TrainSplit(
+            tokenise(train), None,
+            f"{len(train)} English sentences of the Python documentation (pydoc_data.topics)",
+            held_out=[tokenise(held[i : i + EVAL_BATCH * 4])
+                      for i in range(0, len(held), EVAL_BATCH * 4)],
+        )
+
     return BuiltinModel(
         name="minilm",
         description=(
@@ -148,4 +163,5 @@ def build() -> BuiltinModel:
         calibration=calibration,
         evaluation=evaluation,
         task="embedding",
+        training=training,
     )

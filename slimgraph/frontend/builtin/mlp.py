@@ -55,6 +55,7 @@ def build() -> BuiltinModel:
         output_names=["logits"],
         calibration=lambda n: digits.calibration_feeds("features", n, _as_features),
         evaluation=lambda: digits.evaluation_data("features", _as_features),
+        training=lambda: digits.training_split("features", _as_features),
         task="classification",
     )
 

@@ -1,0 +1,213 @@
+"""heal: fine-tune the graph's own weights by distillation from the float source model.
+
+Everything the passes before it decided (pruned shapes, quantization formats and scales, binary
+signs' packing, sparsity) stays; only weights move (and scales, with ``learn_scales``). The graph
+is trained as a torch module built from it (``module``), the weights are written back into the
+same initializers in the same formats, and the result is scored on held-out data before and
+after. A heal that leaves the held-out score worse than it found it is undone, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.report import Tolerance
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+# Heal moves every weight, so no output is bound to stay exact; its own check is the held-out
+# score before and after (a heal that lowers it is undone), recorded in the report.
+HEAL_TOLERANCE = Tolerance(max_rel_err=10.0, min_cosine=0.0, min_top1=0.0)
+
+
+class HealWeightsPass(SlimgraphPass):
+    """Distil the graph toward the float source: ``steps`` of Adam at ``lr`` on ``batch`` samples.
+
+    ``loss``: ``auto`` (KL at ``temperature`` on a classifier's logits mixed with cross-entropy by
+    ``alpha`` where labels exist; cosine on embeddings), ``kd``, ``mse`` or ``cosine``.
+    ``workers=K`` trains data-parallel on K local processes (torch.distributed); under torchrun
+    it joins that job instead. ``learn_scales`` also trains quantization scales (LSQ).
+    """
+
+    name = "heal"
+    tolerance: ClassVar[Tolerance] = HEAL_TOLERANCE
+    needs_training: ClassVar[bool] = True
+    training: Any = None  # heal.data.TrainingData, bound by export()
+    on_progress: Any = None  # (text) -> None: export's status line; else a rich bar on a tty
+
+    def __init__(
+        self,
+        *,
+        steps: int = 300,
+        lr: float = 1e-3,
+        batch: int = 32,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        loss: str = "auto",
+        workers: int = 1,
+        device: str = "auto",
+        seed: int = 0,
+        learn_scales: bool = False,
+    ) -> None:
+        from slimgraph.heal.train import LOSSES
+
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha weighs distillation against cross-entropy: in [0, 1], got {alpha}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+        self.steps, self.lr, self.batch = steps, lr, batch
+        self.temperature, self.alpha, self.loss = temperature, alpha, loss
+        self.workers, self.device, self.seed = workers, device, seed
+        self.learn_scales = learn_scales
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import torch
+
+        from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
+        from slimgraph.heal.module import GraphModule
+        from slimgraph.heal.train import TrainConfig, resolve_loss, train
+
+        data = self.training
+        if data is None:
+            raise ValueError("heal needs training data (export() binds it; pass --train FILE.npz)")
+        module = GraphModule(model, learn_scales=self.learn_scales)  # refuses unknown ops first
+        originals = {v.name: v.const_value for v in model.graph.initializers.values()}
+        before = score(model, data)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("heal device=cuda: torch sees no CUDA device here")
+        config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
+                             self.loss, self.seed, device)
+        loss = resolve_loss(self.loss, data.task)
+        teacher = data.teacher_outputs()[0]
+        labels = data.labels if loss == "kd" else None
+        torch.manual_seed(self.seed)
+        if joined_job():
+            stats = train_rank(module, data.inputs, teacher, labels, config, loss)
+        elif self.workers > 1:
+            weights, stats = train_with_workers(model, data.inputs, teacher, labels, config, loss,
+                                                self.workers, self.learn_scales)
+            module.load_weights(weights)
+        else:
+            module.to(device)
+            with _progress(self.steps, self.on_progress) as on_step:
+                stats = train(module, data.inputs, teacher, labels, config, loss,
+                              groups=module.parameter_groups(), on_step=on_step)
+        module.to("cpu")
+        changed = module.write_back()
+        after = score(model, data)
+        self.report.count("steps", stats.steps)
+        self.report.count("workers", stats.workers)
+        self.report.count("initializers_changed", changed)
+        self.report.timing = {"seconds": round(stats.seconds, 2),
+                              "samples_per_s": round(stats.samples_per_s, 1)}
+        summary = module.summary()
+        self.report.notes.append(
+            "trains " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in summary.items() if n)
+        )
+        self.report.notes.append(
+            f"heal: {stats.steps} steps x batch {min(self.batch, len(data))} on {data.source}, "
+            f"loss {loss} {stats.first_loss:.4g} -> {stats.last_loss:.4g}; held-out "
+            f"{before.describe()} -> {after.value:.4f}"
+        )
+        if data.warning:
+            self.report.notes.append(f"WARNING: {data.warning}")
+        if after.value < before.value:
+            for value in model.graph.initializers.values():
+                if value.name in originals:
+                    value.const_value = originals[value.name]
+            self.report.notes.append(
+                f"WARNING: heal made the held-out {before.metric} worse ({before.value:.4f} -> "
+                f"{after.value:.4f}); the weights were left as they were (try a lower lr or more steps)"
+            )
+            changed = 0
+        logger.info("%s", self.report.notes[-1])
+        return ir.passes.PassResult(model, changed > 0)
+
+
+class Score:
+    """A held-out score: accuracy against labels, else mean cosine to the teacher's outputs."""
+
+    def __init__(self, metric: str, value: float, samples: int) -> None:
+        self.metric, self.value, self.samples = metric, value, samples
+
+    def describe(self) -> str:
+        return f"{self.metric} on {self.samples} samples {self.value:.4f}"
+
+
+def score(model: ir.Model, data: Any) -> Score:
+    """Run ``model`` in onnxruntime on the held-out batches and score its first output."""
+    from slimgraph.backends.ort import session_for
+    from slimgraph.passes.quantize.calibrate import inputs_of, serialize
+
+    session = session_for(serialize(model), {"allow_spinning": False})
+    outputs = [session.run(None, inputs_of(session, feed))[0] for feed in data.held_out]
+    samples = sum(len(o) for o in outputs)
+    if data.task == "classification" and data.held_out_labels:
+        hits = sum(int((o.argmax(-1) == y).sum()) for o, y in zip(outputs, data.held_out_labels,
+                                                                   strict=True))
+        return Score("accuracy", hits / samples, samples)
+    reference = [r[0] for r in data.held_out_teacher()]
+    cosines = []
+    for o, r in zip(outputs, reference, strict=True):
+        o2, r2 = o.reshape(len(o), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64)
+        norms = np.linalg.norm(o2, axis=1) * np.linalg.norm(r2, axis=1)
+        cosines.extend(((o2 * r2).sum(1) / np.maximum(norms, 1e-12)).tolist())
+    return Score("mean cosine to the float model", float(np.mean(cosines)), samples)
+
+
+class _progress:
+    """Step, loss and samples/s: to ``status`` (a caller's status line) if given, else a rich
+    progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, steps: int, status: Any = None) -> None:
+        self.steps, self.status = steps, status
+        self.bar = None
+
+    def __enter__(self):
+        if self.status is not None:
+            def report(step: int, loss: float, rate: float) -> None:
+                self.status(f"heal {step + 1}/{self.steps} loss {loss:.4g} {rate:.0f} samples/s")
+
+            return report
+        if not sys.stderr.isatty():
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("heal"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"),
+                            TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
+                            transient=True)
+        self.bar.start()
+        task = self.bar.add_task("heal", total=self.steps, loss="-", rate="-")
+
+        def on_step(step: int, loss: float, rate: float) -> None:
+            loss_text = f"{loss:.4g}" if math.isfinite(loss) else str(loss)
+            self.bar.update(task, completed=step + 1, loss=loss_text, rate=f"{rate:.0f}")
+
+        return on_step
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,173 @@
+"""heal: distillation wins back what pruning and binarisation lost, on real digits, in place."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import slimgraph
+from slimgraph.backends.ort import session_for
+from slimgraph.cli import main
+from slimgraph.errors import PipelineSpecError
+from slimgraph.frontend.builtin.digits import digits_split
+from slimgraph.passes import Pipeline
+
+
+@functools.cache
+def _digits():
+    return slimgraph.load("digits-cnn")
+
+
+def _accuracy(model_path: Path) -> float:
+    """Top-1 of an exported model.onnx on the digits test split, computed here, not by heal."""
+    split = digits_split()
+    session = session_for(str(model_path), {"allow_spinning": False})
+    logits = session.run(None, {"image": split.x_test.copy()})[0]
+    return float((logits.argmax(1) == split.y_test).mean())
+
+
+def _export(tmp_path: Path, name: str, spec: str, **kw) -> slimgraph.ExportResult:
+    return slimgraph.export(_digits(), tmp_path / name, passes=spec, backends=["ort-cpu"],
+                            allow_mismatch=True, **kw)
+
+
+def _heal_report(result) -> dict:
+    return next(p for p in result.manifest["passes"] if p["name"] == "heal")
+
+
+def test_heal_recovers_pruned_accuracy(tmp_path: Path) -> None:
+    pruned = _export(tmp_path, "pruned", "fold-constants,prune-channels:ratio=0.5")
+    healed = _export(tmp_path, "healed", "fold-constants,prune-channels:ratio=0.5,heal:steps=200")
+    float_acc = 0.9917  # the shipped weights' record
+    before, after = _accuracy(pruned.out / "model.onnx"), _accuracy(healed.out / "model.onnx")
+    assert after >= before + 0.03, (before, after)
+    assert after >= float_acc - 0.02
+    report = _heal_report(healed)
+    assert report["modified"] is True
+    assert report["counts"]["steps"] == 200 and report["counts"]["initializers_changed"] > 0
+    note = next(n for n in report["notes"] if n.startswith("heal:"))
+    assert "digits training split" in note and f"{after:.4f}" in note
+    # the shapes prune-channels chose are kept
+    assert healed.manifest["model"]["after"]["params"] == pruned.manifest["model"]["after"]["params"]
+    assert "heal samples_per_s" in healed.timings
+
+
+def test_heal_makes_binary_weights_usable(tmp_path: Path) -> None:
+    plain = _export(tmp_path, "binary", "fold-constants,quantize:binary")
+    healed = _export(tmp_path, "healed", "fold-constants,quantize:binary,heal:steps=300")
+    before, after = _accuracy(plain.out / "model.onnx"), _accuracy(healed.out / "model.onnx")
+    assert before < 0.8 and after >= 0.93, (before, after)
+    # same packed format, same size: only the bits and the alphas moved
+    healed_model, plain_model = healed.manifest["model"]["after"], plain.manifest["model"]["after"]
+    assert healed_model["weight_bytes"] == plain_model["weight_bytes"]
+    assert healed_model["ops"] == plain_model["ops"]
+
+
+def test_heal_is_deterministic(tmp_path: Path) -> None:
+    spec = "fold-constants,prune-channels:ratio=0.5,heal:steps=30"
+    a, b = _export(tmp_path, "a", spec), _export(tmp_path, "b", spec)
+    for name in ("model.onnx", "manifest.json", "report.md"):
+        assert (a.out / name).read_bytes() == (b.out / name).read_bytes(), name
+    c = _export(tmp_path, "c", spec + ",seed=1")
+    assert (a.out / "model.onnx").read_bytes() != (c.out / "model.onnx").read_bytes()
+
+
+def test_heal_that_hurts_is_undone(tmp_path: Path) -> None:
+    plain = _export(tmp_path, "plain", "fold-constants")
+    ruined = _export(tmp_path, "ruined", "fold-constants,heal:steps=20,lr=5.0")
+    report = _heal_report(ruined)
+    assert report["modified"] is False
+    assert any("made the held-out accuracy worse" in n for n in report["notes"])
+    assert (ruined.out / "model.onnx").read_bytes() == (plain.out / "model.onnx").read_bytes()
+    assert any("heal:" in w and "worse" in w for w in ruined.warnings)
+
+
+def test_heal_options_are_checked() -> None:
+    for spec, word in [("heal:loss=hinge", "loss"), ("heal:steps=0", "steps"),
+                       ("heal:alpha=2", "alpha"), ("heal:device=tpu", "device")]:
+        with pytest.raises(PipelineSpecError, match=word):
+            Pipeline.parse(spec)
+    assert Pipeline.parse("heal:steps=5,lr=0.01").spec() == "heal:steps=5,lr=0.01"
+
+
+def _digits_npz(path: Path, n: int, labels: bool = True) -> Path:
+    split = digits_split()
+    arrays = {"image": split.x_train[:n].copy()}
+    if labels:
+        arrays["labels"] = split.y_train[:n].copy()
+    np.savez(path, **arrays)
+    return path
+
+
+def test_cli_train_file(tmp_path: Path) -> None:
+    data = _digits_npz(tmp_path / "train.npz", 400)
+    out = tmp_path / "out"
+    code = main(["export", "digits-cnn", "-o", str(out), "--quiet", "--allow-mismatch",
+                 "--passes", "fold-constants,prune-channels:ratio=0.5,heal:steps=40",
+                 "--train", str(data)])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    note = next(n for p in manifest["passes"] if p["name"] == "heal" for n in p["notes"]
+                if n.startswith("heal:"))
+    assert str(data) in note
+
+
+def test_cli_bad_train_file_writes_nothing(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((4, 1, 8, 8), np.float32))
+    out = tmp_path / "out"
+    code = main(["export", "digits-cnn", "-o", str(out), "--passes", "heal:steps=5",
+                 "--train", str(bad)])
+    assert code == 2 and not out.exists()
+    assert "no array for model input(s) image" in capsys.readouterr().err
+
+
+def _einsum_model(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["x", "w"], ["y"], equation="ni,ij->nj", name="mix")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_untrainable_op_stops_before_training(tmp_path: Path, capsys) -> None:
+    model = _einsum_model(tmp_path / "einsum.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32))
+    out = tmp_path / "out"
+    code = main(["export", str(model), "-o", str(out), "--passes", "heal:steps=5",
+                 "--calib", str(calib)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "Einsum (mix)" in err
+
+
+def test_onnx_file_heals_on_calibration_with_a_warning(tmp_path: Path, tiny_cnn_path: Path) -> None:
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=np.random.default_rng(2).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    result = slimgraph.export(tiny_cnn_path, tmp_path / "out", passes="heal:steps=10,lr=1e-4",
+                              calibration=calib, allow_mismatch=True)
+    report = _heal_report(result)
+    assert any("calibration set (24 samples)" in n for n in report["notes"])
+    assert any("trained on the calibration set" in w for w in result.warnings)
+    with pytest.raises(slimgraph.SlimgraphError, match="needs training data"):
+        slimgraph.export(tiny_cnn_path, tmp_path / "none", passes="heal:steps=10")
+
+
+@pytest.mark.slow
+def test_two_workers_train_like_one(tmp_path: Path) -> None:
+    one = _export(tmp_path, "one", "fold-constants,prune-channels:ratio=0.5,heal:steps=120")
+    two = _export(tmp_path, "two", "fold-constants,prune-channels:ratio=0.5,heal:steps=120,workers=2")
+    assert _heal_report(two)["counts"]["workers"] == 2
+    acc_one, acc_two = _accuracy(one.out / "model.onnx"), _accuracy(two.out / "model.onnx")
+    assert abs(acc_one - acc_two) <= 0.02, (acc_one, acc_two)
+    assert acc_two >= 0.95
