@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -122,6 +123,9 @@ def export(
         pipeline.bind_training(training_data(loaded, train), on_progress)
     ir_model, reports = pipeline.run(ir_model)
     timings["passes"] = time.perf_counter() - t
+    rank = int(os.environ.get("RANK", "0")) if pipeline.needs_training else 0
+    if rank != 0:  # one rank of a torchrun job that healed together: rank 0 writes the artifact
+        return ExportResult(out, {"written_by": "rank 0", "rank": rank}, [], timings)
 
     stage("check")
     proto = ir.to_proto(ir_model)

@@ -104,6 +104,8 @@ def _attrs(node: ir.Node) -> dict[str, Any]:
             value = attr.value
             out[name] = list(value) if isinstance(value, (tuple, list)) else (
                 int(value) if isinstance(value, ir.DataType) else value)
+    if node.op_type == "Split" and "num_outputs" not in out:  # before opset 18: one per output
+        out["num_outputs"] = len(node.outputs)
     return out
 
 
@@ -339,7 +341,15 @@ class GraphModule(nn.Module):
             if step.run is not None:
                 env[step.outputs[0]] = step.run(env)
                 continue
-            results = as_list(step.op([env[i] if i else None for i in step.inputs], step.attrs))
+            try:
+                results = as_list(step.op([env[i] if i else None for i in step.inputs], step.attrs))
+            except (NotImplementedError, RuntimeError, TypeError, IndexError, ValueError,
+                    KeyError) as exc:
+                raise UnsupportedOpError(f"heal cannot run node {step.node.name!r} "
+                                         f"({step.node.op_type}) as given: {exc}") from exc
+            if len(results) < len(step.outputs) and any(step.outputs[len(results):]):
+                raise UnsupportedOpError(f"heal cannot compute output(s) {step.outputs[len(results):]} "
+                                         f"of node {step.node.name!r} ({step.node.op_type})")
             env.update(zip(step.outputs, results, strict=False))
         return [env[name] for name in self.output_names]
 

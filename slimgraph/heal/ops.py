@@ -170,6 +170,8 @@ def _pool(i: list, a: dict, kind: str) -> Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
         return fn(x, kernel, strides, pads, dilation=a.get("dilations") or 1,
                   ceil_mode=bool(a.get("ceil_mode", 0)))
+    if any(d != 1 for d in a.get("dilations") or []):
+        raise NotImplementedError("AveragePool with dilations")
     x, pads = _pad_input(x, pads, dims)
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
     return fn(x, kernel, strides, pads, ceil_mode=bool(a.get("ceil_mode", 0)),
@@ -274,7 +276,7 @@ def gather(i: list, a: dict) -> Tensor:
     x, idx, axis = i[0], i[1].long(), a.get("axis", 0) % i[0].dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
 def gather_elements(i: list, a: dict) -> Tensor:
@@ -291,7 +293,7 @@ def gather_nd(i: list, a: dict) -> Tensor:
     dims = torch.tensor(x.shape[b : b + depth])
     flat_idx = torch.where(flat_idx < 0, flat_idx + dims, flat_idx)
     picked = torch.stack([flat_x[n][tuple(flat_idx[n].unbind(-1))] for n in range(flat_x.shape[0])])
-    return picked.reshape(*idx.shape[:-1], *x.shape[b + depth:])
+    return picked.reshape((*idx.shape[:-1], *x.shape[b + depth:]))
 
 
 def _l2(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
@@ -305,7 +307,27 @@ def expand(i: list, a: dict) -> Tensor:
 
 
 def cast(i: list, a: dict) -> Tensor:
+    if a["to"] in (21, 22) or a["to"] not in TORCH_DTYPES:  # int4 casts saturate; torch has no int4
+        raise NotImplementedError(f"Cast to ONNX type {a['to']}")
     return i[0].to(TORCH_DTYPES[a["to"]])
+
+
+def constant(i: list, a: dict) -> Tensor:
+    if "value" in a:
+        return a["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                       ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dtype)
+    raise NotImplementedError(f"Constant with {', '.join(a)}")
+
+
+def argmax(i: list, a: dict) -> Tensor:
+    x, axis, keep = i[0], a.get("axis", 0), bool(a.get("keepdims", 1))
+    if not a.get("select_last_index", 0):
+        return torch.argmax(x, axis, keepdim=keep)
+    axis %= x.dim()
+    return x.shape[axis] - 1 - torch.argmax(torch.flip(x, [axis]), axis, keepdim=keep)
 
 
 def clip(i: list, a: dict) -> Tensor:
@@ -355,7 +377,8 @@ def pad(i: list, a: dict) -> Tensor:
     flat: list[int] = []
     for d in reversed(range(dims)):
         flat += [full[d], full[d + dims]]
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[a.get("mode", "constant")]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+            "wrap": "circular"}[a.get("mode", "constant")]
     return F.pad(x, flat, mode=mode, value=value if mode == "constant" else None)
 
 
@@ -455,12 +478,12 @@ def _div(x: Tensor, y: Tensor) -> Tensor:
 
 OPS: dict[str, Op] = {
     "Abs": _unary(torch.abs), "Add": _binary(torch.add), "And": _binary(torch.logical_and),
-    "ArgMax": lambda i, a: torch.argmax(i[0], a.get("axis", 0), keepdim=bool(a.get("keepdims", 1))),
+    "ArgMax": argmax,
     "AveragePool": lambda i, a: _pool(i, a, "avg"),
     "BatchNormalization": batch_norm, "BitShift": bit_shift, "Cast": cast,
     "CastLike": lambda i, a: i[0].to(i[1].dtype), "Ceil": _unary(torch.ceil), "Clip": clip,
     "Concat": lambda i, a: torch.cat([t for t in i if t is not None], dim=a["axis"]),
-    "Constant": lambda i, a: a["value"], "ConstantOfShape": constant_of_shape, "Conv": conv,
+    "Constant": constant, "ConstantOfShape": constant_of_shape, "Conv": conv,
     "ConvTranspose": conv_transpose, "Cos": _unary(torch.cos), "CumSum": lambda i, a: torch.cumsum(
         i[0], int(i[1].item())), "DequantizeLinear": dequantize_linear, "Div": _binary(_div),
     "Dropout": lambda i, a: i[0], "DynamicQuantizeLinear": dynamic_quantize_linear,
@@ -477,7 +500,8 @@ OPS: dict[str, Op] = {
     "Less": _binary(torch.lt), "LessOrEqual": _binary(torch.le), "Log": _unary(torch.log),
     "LogSoftmax": log_softmax, "LSTM": lstm, "MatMul": _binary(torch.matmul),
     "MatMulInteger": matmul_integer, "Max": _variadic(torch.maximum),
-    "MaxPool": lambda i, a: _pool(i, a, "max"), "Min": _variadic(torch.minimum), "Mod": mod,
+    "MaxPool": lambda i, a: _pool(i, a, "max"), "Mean": lambda i, a: _variadic(torch.add)(i, a) / len(i),
+    "Min": _variadic(torch.minimum), "Mod": mod,
     "Mul": _binary(torch.mul), "Neg": _unary(torch.neg), "Not": _unary(torch.logical_not),
     "Or": _binary(torch.logical_or), "Pad": pad, "Pow": _binary(torch.pow),
     "QuantizeLinear": quantize_linear, "Range": range_, "Reciprocal": _unary(torch.reciprocal),

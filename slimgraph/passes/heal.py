@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.report import Tolerance
 
@@ -90,13 +91,15 @@ class HealWeightsPass(SlimgraphPass):
 
         data = self.training
         if data is None:
-            raise ValueError("heal needs training data (export() binds it; pass --train FILE.npz)")
+            raise PipelineSpecError("heal needs training data: export() binds the model's own or "
+                                    "--train FILE.npz; from Python, Pipeline.bind_training()")
         module = GraphModule(model, learn_scales=self.learn_scales)  # refuses unknown ops first
         originals = {v.name: v.const_value for v in model.graph.initializers.values()}
         before = score(model, data)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("heal device=cuda: torch sees no CUDA device here")
+            raise PipelineSpecError("heal:device=cuda: torch sees no CUDA device here "
+                                    "(device=auto uses one where present)")
         config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
                              self.loss, self.seed, device)
         loss = resolve_loss(self.loss, data.task)

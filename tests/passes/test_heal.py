@@ -171,3 +171,43 @@ def test_two_workers_train_like_one(tmp_path: Path) -> None:
     acc_one, acc_two = _accuracy(one.out / "model.onnx"), _accuracy(two.out / "model.onnx")
     assert abs(acc_one - acc_two) <= 0.02, (acc_one, acc_two)
     assert acc_two >= 0.95
+
+
+@pytest.mark.slow
+def test_heal_joins_a_torchrun_job(tmp_path: Path) -> None:
+    """`torchrun -m slimgraph export ...`: both ranks heal together, rank 0 writes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "slimgraph", "export",
+         "digits-cnn", "-o", str(out), "--quiet", "--allow-mismatch",
+         "--passes", "fold-constants,prune-channels:ratio=0.5,heal:steps=20"],
+        check=True, cwd=tmp_path, timeout=600,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    heal = next(p for p in manifest["passes"] if p["name"] == "heal")
+    assert heal["counts"]["workers"] == 2 and heal["modified"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_heal_on_gpu covers it")
+    with pytest.raises(Exception, match="no CUDA device"):
+        _export(tmp_path, "cuda", "fold-constants,heal:steps=2,device=cuda")
+
+
+def test_heal_on_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = _export(tmp_path, "cpu", "fold-constants,prune-channels:ratio=0.5,heal:steps=100,device=cpu")
+    gpu = _export(tmp_path, "gpu", "fold-constants,prune-channels:ratio=0.5,heal:steps=100,device=cuda")
+    acc_cpu, acc_gpu = _accuracy(cpu.out / "model.onnx"), _accuracy(gpu.out / "model.onnx")
+    assert abs(acc_cpu - acc_gpu) <= 0.02 and acc_gpu >= 0.95
