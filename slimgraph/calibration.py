@@ -14,6 +14,22 @@ from slimgraph.errors import InputSpecError
 Feeds = dict[str, np.ndarray]
 
 
+def read_samples(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (pickling disabled), which must agree on their sample count (axis 0)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputSpecError(f"{path}: not a readable .npz {what} file ({exc})") from exc
+    if not arrays:
+        raise InputSpecError(f"{path}: {what} file holds no arrays")
+    counts = {k: len(v) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise InputSpecError(f"{path}: arrays disagree on the sample count: {counts}")
+    return arrays
+
+
 class Calibration:
     """A re-iterable list of feeds. Accepts feeds, an .npz file, or an ORT CalibrationDataReader."""
 
@@ -38,18 +54,8 @@ class Calibration:
 
         Each sample becomes one feed with a batch of 1. Arrays are loaded with pickling disabled.
         """
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise InputSpecError(f"{path}: not a readable .npz calibration file ({exc})") from exc
-        if not arrays:
-            raise InputSpecError(f"{path}: calibration file holds no arrays")
-        counts = {k: len(v) for k, v in arrays.items()}
-        if len(set(counts.values())) != 1:
-            raise InputSpecError(f"{path}: arrays disagree on the sample count: {counts}")
-        n = next(iter(counts.values()))
+        arrays = read_samples(path, "calibration")
+        n = len(next(iter(arrays.values())))
         return cls({k: v[i : i + 1] for k, v in arrays.items()} for i in range(n))
 
     def batched(self, batch: int) -> list[Feeds]:

@@ -161,6 +161,10 @@ def _print_export(console: Console, result) -> None:
                           f"{o['cosine']:.6f}", top1,
                           "[green]pass[/]" if ver["passed"] else "[red]FAIL[/]")
     console.print(table)
+    for report in m["passes"]:  # a pass's headline note starts with its name (heal's scores)
+        for note in report["notes"]:
+            if note.startswith(f"{report['name']}: "):
+                console.print(note, highlight=False)
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print("time: " + ", ".join(

@@ -53,8 +53,10 @@ def test_bench_builtin_with_torch_peer_and_labels(tmp_path, capsys):
     assert peer["peer"] and peer["ratio_to_fp32"] is not None
 
 
-def _row(variant: str, p50: float, cosine: float = 1.0, backend: str = "ort-cpu") -> Row:
-    return Row(variant, backend, 1, latency=Latency(p50, p50, p50, 3), cosine=cosine)
+def _row(variant: str, p50: float, cosine: float = 1.0, backend: str = "ort-cpu",
+         accuracy: float | None = None) -> Row:
+    return Row(variant, backend, 1, latency=Latency(p50, p50, p50, 3), cosine=cosine,
+               task_accuracy=accuracy)
 
 
 def test_flags_int8_slower_pruned_not_faster_and_divergence():
@@ -69,6 +71,16 @@ def test_flags_int8_slower_pruned_not_faster_and_divergence():
     assert rows[1].flags == ["int8 not faster than fp32 (1.20x)"]
     assert rows[2].flags == ["pruned but not faster (0.99x)",
                              "outputs diverge from fp32 (cosine 0.5000)"]
+
+
+def test_labelled_rows_are_flagged_by_task_accuracy_not_cosine():
+    rows = [_row(FP32, 1.0, accuracy=0.99), _row("healed", 0.5, cosine=0.97, accuracy=0.985),
+            _row("broken", 0.5, cosine=0.999, accuracy=0.95)]
+    pipelines = {FP32: variant_pipeline(FP32), "healed": variant_pipeline("fold-constants"),
+                 "broken": variant_pipeline("fold-constants")}
+    _ratios_and_flags(rows, pipelines)
+    assert rows[1].flags == []
+    assert rows[2].flags == ["task accuracy 4.0 pt below fp32 (0.9500)"]
 
 
 def test_interleaved_rotates_the_order():

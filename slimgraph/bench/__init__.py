@@ -362,6 +362,9 @@ def _peak_memory(c: _Candidate, feed: Feeds, work: Path, threads: int) -> float 
     return None
 
 
+ACCURACY_SLACK = 0.01  # task accuracy this far below fp32 still counts as "the same accuracy"
+
+
 def _ratios_and_flags(rows: list[Row], pipelines: dict[str, Pipeline]) -> None:
     """Ratio to fp32 on the same backend and batch (peers: to slimgraph's ort-cpu fp32), flags."""
     fp32 = {(r.backend, r.batch): r for r in rows if r.variant == FP32 and r.latency and not r.peer}
@@ -380,7 +383,14 @@ def _ratios_and_flags(rows: list[Row], pipelines: dict[str, Pipeline]) -> None:
         pruned = pipeline is not None and any(p.name.startswith("prune") for p in pipeline.passes)
         if r.ratio_to_fp32 is not None and r.ratio_to_fp32 >= 0.95 and pruned:
             r.flags.append(f"pruned but not faster ({r.ratio_to_fp32:.2f}x)")
-        if r.cosine is not None and r.cosine < 0.99:
+        # Where labels score the task, a model that was trained (heal) is judged by its accuracy:
+        # its logits may move while it classifies as well. Elsewhere, by agreement with fp32.
+        base_acc = base.task_accuracy if base is not None else None
+        if r.task_accuracy is not None and base_acc is not None:
+            if r.task_accuracy < base_acc - ACCURACY_SLACK:
+                r.flags.append(f"task accuracy {100 * (base_acc - r.task_accuracy):.1f} pt below "
+                               f"fp32 ({r.task_accuracy:.4f})")
+        elif r.cosine is not None and r.cosine < 0.99:
             r.flags.append(f"outputs diverge from fp32 (cosine {r.cosine:.4f})")
 
 

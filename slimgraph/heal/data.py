@@ -10,13 +10,12 @@ calibration set when that is all there is.
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slimgraph.calibration import Feeds
+from slimgraph.calibration import Feeds, read_samples
 from slimgraph.errors import InputSpecError
 from slimgraph.verify import Runner
 
@@ -35,6 +34,7 @@ class TrainingData:
     task: str | None  # "classification" scores accuracy; otherwise cosine to the teacher
     source: str  # where the training inputs came from, for the report
     warning: str | None = None
+    teacher_model: Any = None  # the source graph (onnx_ir.Model): layer outputs for hidden=
     _teacher_outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -56,24 +56,14 @@ class TrainingData:
 
 def read_npz(path: str | Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Arrays named after the model inputs (sample axis 0) and optional ``labels``; no pickles."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputSpecError(f"{path}: not a readable .npz training file ({exc})") from exc
+    arrays = read_samples(path, "training")
     labels = arrays.pop("labels", None)
     missing = [n for n in input_names if n not in arrays]
     if missing:
         raise InputSpecError(f"{path}: no array for model input(s) {', '.join(missing)}; "
                              f"arrays: {', '.join(sorted(arrays)) or 'none'}")
     inputs = {n: arrays[n] for n in input_names}
-    counts = {k: len(v) for k, v in inputs.items()} | ({"labels": len(labels)} if labels is not None else {})
-    if len(set(counts.values())) != 1:
-        raise InputSpecError(f"{path}: arrays disagree on the sample count: {counts}")
-    if labels is not None:
-        labels = labels.astype(np.int64)
-    return inputs, labels
+    return inputs, labels.astype(np.int64) if labels is not None else None
 
 
 def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
@@ -110,7 +100,7 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     if not held_out:
         held_out = list(loaded.verification_feeds)
     return TrainingData(inputs, labels, held_out, held_labels, loaded.reference, loaded.task,
-                        source, warning)
+                        source, warning, loaded.model)
 
 
 def _stack(feeds: list[Feeds]) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 import torch
 import torch.distributed as dist
 
-from slimgraph.heal.module import GraphModule
+from slimgraph.heal.module import GraphModule, layer_taps
 from slimgraph.heal.train import TrainConfig, TrainStats, train
 
 
@@ -39,7 +39,8 @@ def _free_port() -> int:
 
 def train_with_workers(model: ir.Model, inputs: dict[str, np.ndarray], teacher: np.ndarray,
                        labels: np.ndarray | None, config: TrainConfig, loss: str, workers: int,
-                       learn_scales: bool) -> tuple[dict[str, np.ndarray], TrainStats]:
+                       learn_scales: bool, teacher_model: ir.Model | None = None,
+                       ) -> tuple[dict[str, np.ndarray], TrainStats]:
     """Train on ``workers`` local processes (elastic launcher, c10d rendezvous on localhost);
     returns rank 0's weights by parameter key and its statistics."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -47,6 +48,8 @@ def train_with_workers(model: ir.Model, inputs: dict[str, np.ndarray], teacher: 
     with tempfile.TemporaryDirectory(prefix="slimgraph-heal-") as tmp:
         root = Path(tmp)
         onnx.save(ir.to_proto(model), root / "model.onnx")
+        if teacher_model is not None:
+            onnx.save(ir.to_proto(teacher_model), root / "teacher.onnx")
         arrays = {f"input:{k}": v for k, v in inputs.items()} | {"teacher": teacher}
         if labels is not None:
             arrays["labels"] = labels
@@ -72,7 +75,13 @@ def _local_worker(root: str, config: dict[str, Any], loss: str, learn_scales: bo
         teacher = npz["teacher"]
         labels = npz["labels"] if "labels" in npz.files else None
     module = GraphModule(model, learn_scales=learn_scales)
-    stats = train_rank(module, inputs, teacher, labels, TrainConfig(**config), loss)
+    teacher_module = None
+    if (Path(root) / "teacher.onnx").exists():
+        teacher_graph = ir.from_proto(onnx.load(Path(root) / "teacher.onnx"))
+        module.taps = layer_taps(model, teacher_graph)
+        teacher_module = GraphModule(teacher_graph).eval()
+        teacher_module.taps = module.taps
+    stats = train_rank(module, inputs, teacher, labels, TrainConfig(**config), loss, teacher_module)
     dist.destroy_process_group()
     if int(os.environ["RANK"]) != 0:
         return None
@@ -81,7 +90,8 @@ def _local_worker(root: str, config: dict[str, Any], loss: str, learn_scales: bo
 
 
 def train_rank(module: GraphModule, inputs: dict[str, np.ndarray], teacher: np.ndarray,
-               labels: np.ndarray | None, config: TrainConfig, loss: str) -> TrainStats:
+               labels: np.ndarray | None, config: TrainConfig, loss: str,
+               teacher_module: GraphModule | None = None) -> TrainStats:
     """Train as one rank of the process group (joined here if not yet): DDP keeps every rank's
     weights equal, so each ends with rank 0's result."""
     from torch.nn.parallel import DistributedDataParallel
@@ -93,8 +103,10 @@ def train_rank(module: GraphModule, inputs: dict[str, np.ndarray], teacher: np.n
         local = int(os.environ.get("LOCAL_RANK", "0"))
         config = dataclasses.replace(config, device=f"cuda:{local}")
     module.to(config.device)
+    if teacher_module is not None:
+        teacher_module.to(config.device)
     # Buffers are the graph's constants: nothing to re-broadcast before every forward.
     wrapped = DistributedDataParallel(module, device_ids=[int(config.device.split(":")[1])]
                                       if cuda else None, broadcast_buffers=False)
     return train(wrapped, inputs, teacher, labels, config, loss, groups=module.parameter_groups(),
-                 rank=dist.get_rank(), world=dist.get_world_size())
+                 rank=dist.get_rank(), world=dist.get_world_size(), teacher_module=teacher_module)

@@ -115,6 +115,14 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+def layer_taps(student: ir.Model, teacher: ir.Model) -> list[str]:
+    """LayerNormalization outputs that both graphs compute under the same name (the hidden states
+    a pruned transformer keeps at full width), in the student's order."""
+    produced = {v.name for n in teacher.graph if n.op_type == "LayerNormalization" for v in n.outputs}
+    return [n.outputs[0].name for n in student.graph
+            if n.op_type == "LayerNormalization" and n.outputs[0].name in produced]
+
+
 def unsupported_nodes(model: ir.Model) -> list[str]:
     """``OpType (node name)`` for every node the interpreter cannot run, in graph order."""
     return [f"{n.domain + '.' if n.domain not in ('', 'ai.onnx') else ''}{n.op_type} ({n.name})"
@@ -236,6 +244,7 @@ class GraphModule(nn.Module):
         special = {q.value.name for q in self.quantized} | {b.bits.name for b in self.binary}
         self._graph_initializers = [n for n in self._initializers if n not in special and (
             n in self._param_of or n in self._buffer_of)]
+        self.taps: list[str] = []  # inner values forward() also returns, after the outputs
         self.steps = self._live([standins.get(s.outputs[0], s) if s.outputs else s for s in steps])
 
     # -- construction ------------------------------------------------------------------------
@@ -351,7 +360,7 @@ class GraphModule(nn.Module):
                 raise UnsupportedOpError(f"heal cannot compute output(s) {step.outputs[len(results):]} "
                                          f"of node {step.node.name!r} ({step.node.op_type})")
             env.update(zip(step.outputs, results, strict=False))
-        return [env[name] for name in self.output_names]
+        return [env[name] for name in (*self.output_names, *self.taps)]
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:

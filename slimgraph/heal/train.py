@@ -32,6 +32,7 @@ class TrainConfig:
     loss: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    hidden: float = 0.0  # weight of the layer-output loss (needs a teacher module with taps)
 
 
 @dataclasses.dataclass
@@ -89,12 +90,22 @@ def batches(n: int, batch: int, steps: int, seed: int, rank: int = 0, world: int
         yield np.array(chosen[rank::world], dtype=np.int64)
 
 
+def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over matched layer outputs of the squared error relative to the teacher's power."""
+    terms = [F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12) for s, t in zip(student, teacher,
+                                                                                strict=True)]
+    return torch.stack(terms).mean()
+
+
 def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.ndarray,
           labels: np.ndarray | None, config: TrainConfig, loss: str, *,
           groups: dict[str, list[torch.nn.Parameter]], rank: int = 0, world: int = 1,
-          on_step: Callable[[int, float, float], None] | None = None) -> TrainStats:
+          on_step: Callable[[int, float, float], None] | None = None,
+          teacher_module: torch.nn.Module | None = None) -> TrainStats:
     """Distil ``module`` (or its DDP wrapper) toward ``teacher`` outputs; returns the loss curve's
-    ends. ``groups`` are the parameter groups (binary latents get BINARY_LR_SCALE x the rate)."""
+    ends. ``groups`` are the parameter groups (binary latents get BINARY_LR_SCALE x the rate).
+    With ``config.hidden`` > 0 both modules also return matched layer outputs (their taps), and
+    ``teacher_module`` computes the teacher's on the fly."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     param_groups = [{"params": groups["weights"], "lr": config.lr}]
@@ -112,10 +123,14 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.nd
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * _schedule(step, config.steps)
         feeds = {k: torch.from_numpy(inputs[k][idx]).to(device) for k in names}
-        out = module(**feeds)[0]
+        outs = module(**feeds)
         target = torch.from_numpy(teacher[idx]).to(device)
         y = torch.from_numpy(labels[idx]).to(device) if labels is not None else None
-        value = distillation_loss(out, target, y, loss, config.temperature, config.alpha)
+        value = distillation_loss(outs[0], target, y, loss, config.temperature, config.alpha)
+        if config.hidden > 0 and teacher_module is not None:
+            with torch.no_grad():
+                reference = teacher_module(**feeds)[1:]
+            value = value + config.hidden * hidden_loss(outs[1:], reference)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -36,6 +36,8 @@ class HealWeightsPass(SlimgraphPass):
     ``alpha`` where labels exist; cosine on embeddings), ``kd``, ``mse`` or ``cosine``.
     ``workers=K`` trains data-parallel on K local processes (torch.distributed); under torchrun
     it joins that job instead. ``learn_scales`` also trains quantization scales (LSQ).
+    ``hidden=W`` adds W x the error of every LayerNormalization output that the float source graph
+    computes under the same name (a pruned transformer's hidden states; TinyBERT-style).
     """
 
     name = "heal"
@@ -57,6 +59,7 @@ class HealWeightsPass(SlimgraphPass):
         device: str = "auto",
         seed: int = 0,
         learn_scales: bool = False,
+        hidden: float = 0.0,
     ) -> None:
         from slimgraph.heal.train import LOSSES
 
@@ -74,19 +77,21 @@ class HealWeightsPass(SlimgraphPass):
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if hidden < 0:
+            raise ValueError(f"hidden is the weight of the layer-output loss, >= 0, got {hidden}")
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
         self.steps, self.lr, self.batch = steps, lr, batch
         self.temperature, self.alpha, self.loss = temperature, alpha, loss
         self.workers, self.device, self.seed = workers, device, seed
-        self.learn_scales = learn_scales
+        self.learn_scales, self.hidden = learn_scales, hidden
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         import torch
 
         from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
-        from slimgraph.heal.module import GraphModule
+        from slimgraph.heal.module import GraphModule, layer_taps
         from slimgraph.heal.train import TrainConfig, resolve_loss, train
 
         data = self.training
@@ -101,29 +106,43 @@ class HealWeightsPass(SlimgraphPass):
             raise PipelineSpecError("heal:device=cuda: torch sees no CUDA device here "
                                     "(device=auto uses one where present)")
         config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
-                             self.loss, self.seed, device)
+                             self.loss, self.seed, device, self.hidden)
+        teacher_module = None
+        if self.hidden > 0:
+            taps = layer_taps(model, data.teacher_model)
+            if not taps:
+                raise PipelineSpecError("heal:hidden=: no LayerNormalization output of this graph "
+                                        "is computed under the same name by the source graph")
+            module.taps = taps
+            teacher_module = GraphModule(data.teacher_model).eval()
+            teacher_module.taps = taps
+            self.report.count("hidden_states_matched", len(taps))
         loss = resolve_loss(self.loss, data.task)
         teacher = data.teacher_outputs()[0]
         labels = data.labels if loss == "kd" else None
         torch.manual_seed(self.seed)
         if joined_job():
-            stats = train_rank(module, data.inputs, teacher, labels, config, loss)
+            stats = train_rank(module, data.inputs, teacher, labels, config, loss, teacher_module)
         elif self.workers > 1:
             weights, stats = train_with_workers(model, data.inputs, teacher, labels, config, loss,
-                                                self.workers, self.learn_scales)
+                                                self.workers, self.learn_scales,
+                                                data.teacher_model if teacher_module else None)
             module.load_weights(weights)
         else:
             module.to(device)
+            if teacher_module is not None:
+                teacher_module.to(device)
             with _progress(self.steps, self.on_progress) as on_step:
                 stats = train(module, data.inputs, teacher, labels, config, loss,
-                              groups=module.parameter_groups(), on_step=on_step)
+                              groups=module.parameter_groups(), on_step=on_step,
+                              teacher_module=teacher_module)
         module.to("cpu")
         changed = module.write_back()
         after = score(model, data)
         self.report.count("steps", stats.steps)
         self.report.count("workers", stats.workers)
         self.report.count("initializers_changed", changed)
-        self.report.timing = {"seconds": round(stats.seconds, 2),
+        self.report.timing = {"training": round(stats.seconds, 2),
                               "samples_per_s": round(stats.samples_per_s, 1)}
         summary = module.summary()
         self.report.notes.append(

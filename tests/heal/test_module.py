@@ -243,3 +243,38 @@ def test_fp32_graph_from_file_round_trips(tiny_cnn_path) -> None:
     ours = _forward(GraphModule(model), feed)[0]
     ref = _ort(model, feed)["logits"]
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def _layer_norm_model(hidden: int, seed: int) -> ir.Model:
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((4, hidden)).astype(np.float32)
+    w2 = rng.standard_normal((hidden, 4)).astype(np.float32)
+    return _tiny(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["d"], name="down"),
+         helper.make_node("Add", ["x", "d"], ["s"]),
+         helper.make_node("LayerNormalization", ["s", "g", "b"], ["ln"], axis=-1, name="norm"),
+         helper.make_node("ReduceMean", ["ln"], ["y"], axes=[1], keepdims=0)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.ones(4, np.float32), "g"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], opset=18)
+
+
+def test_layer_taps_match_hidden_states_by_name() -> None:
+    from slimgraph.heal.module import layer_taps
+    from slimgraph.heal.train import hidden_loss
+
+    teacher, student = _layer_norm_model(8, 0), _layer_norm_model(4, 1)  # a narrower FFN
+    taps = layer_taps(student, teacher)
+    assert taps == ["ln"]
+    modules = [GraphModule(teacher), GraphModule(student)]
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 3, 4)).astype(np.float32))
+    for m in modules:
+        m.taps = taps
+    (t_y, t_ln), (s_y, s_ln) = (m(x) for m in modules)
+    assert t_ln.shape == (2, 3, 4) and s_y.shape == (2, 4)
+    assert float(hidden_loss([t_ln], [t_ln])) == 0.0
+    assert float(hidden_loss([s_ln], [t_ln])) > 0.1

@@ -141,10 +141,11 @@ def build() -> BuiltinModel:
         from slimgraph.frontend.text import documentation_sentences, split_sentences
 
         train, held = split_sentences(documentation_sentences())
-        held = held[:HEAL_HELD_OUT]
+        held = held[:: max(1, len(held) // HEAL_HELD_OUT)][:HEAL_HELD_OUT]
         return TrainSplit(
             tokenise(train), None,
-            f"{len(train)} English sentences of the Python documentation (pydoc_data.topics)",
+            f"{len(train)} English sentences of the Python documentation and standard-library "
+            "docstrings",
             held_out=[tokenise(held[i : i + EVAL_BATCH * 4])
                       for i in range(0, len(held), EVAL_BATCH * 4)],
         )
