@@ -41,6 +41,9 @@ def render_report(manifest: dict[str, Any]) -> str:
                 f"| `{r['name']}` | {r['modified']} | {r['nodes_before']} → {r['nodes_after']} "
                 f"| {did} |"
             )
+        notes = [f"- `{r['name']}`: {note}" for r in manifest["passes"] for note in r["notes"]]
+        if notes:
+            lines += ["", *notes]
     tol = manifest["tolerance"]
     lines += [
         "",

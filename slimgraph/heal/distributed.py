@@ -107,6 +107,6 @@ def train_rank(module: GraphModule, inputs: dict[str, np.ndarray], teacher: np.n
         teacher_module.to(config.device)
     # Buffers are the graph's constants: nothing to re-broadcast before every forward.
     wrapped = DistributedDataParallel(module, device_ids=[int(config.device.split(":")[1])]
-                                      if cuda else None, broadcast_buffers=False)
+                                      if cuda else None, forward_sync_buffers=False)
     return train(wrapped, inputs, teacher, labels, config, loss, groups=module.parameter_groups(),
                  rank=dist.get_rank(), world=dist.get_world_size(), teacher_module=teacher_module)

@@ -34,6 +34,9 @@ BINARY_WEIGHT_TAG = "slimgraph.binary_weight"  # the quantize pass's tag on a bi
 _INTEGER_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4,
                             ir.DataType.UINT4, ir.DataType.INT32, ir.DataType.INT16})
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# Latent binary weights start at +-0.5: inside BinaryConnect's [-1, 1] gradient window, and a
+# sign flips once the updates have moved a weight by half its range.
+BINARY_LATENT_START = 0.5
 
 
 class BinarySign(torch.autograd.Function):
@@ -203,7 +206,6 @@ class GraphModule(nn.Module):
         self._mask_of: dict[str, str] = {}  # weights key -> buffer key of its sparsity mask
         self.quantized: list[QuantizedWeight] = []
         self.binary: list[BinaryWeight] = []
-        self.frozen_integer: list[str] = []  # integer weights no stand-in trains
         self._initializers = dict(graph.initializers)
 
         raw = {name: _to_torch(v.const_value.numpy()) for name, v in self._initializers.items()
@@ -234,17 +236,16 @@ class GraphModule(nn.Module):
                     self._mask_of[key] = self._add_buffer(f"{name}__mask", (tensor != 0).float())
             else:
                 self._buffer_of[name] = self._add_buffer(name, tensor)
-        for name, value in self._initializers.items():
-            used_by_integer_matmul = any(n.op_type in ("MatMulInteger", "Gather") for n, _ in
-                                         _consumers(value))
-            if value.const_value is not None and value.const_value.dtype in _INTEGER_TYPES and \
-                    name not in {q.value.name for q in self.quantized} and used_by_integer_matmul:
-                self.frozen_integer.append(name)
-
         special = {q.value.name for q in self.quantized} | {b.bits.name for b in self.binary}
+        self.frozen_integer = [  # dynamic int8 MatMulInteger weights, int8 embedding rows
+            name for name, value in self._initializers.items()
+            if value.const_value is not None and value.const_value.dtype in _INTEGER_TYPES
+            and name not in special
+            and any(n.op_type in ("MatMulInteger", "Gather") for n, _ in _consumers(value))
+        ]
         self._graph_initializers = [n for n in self._initializers if n not in special and (
             n in self._param_of or n in self._buffer_of)]
-        self.taps: list[str] = []  # inner values forward() also returns, after the outputs
+        self.taps: list[str] = []  # values on the way to the outputs that forward() also returns
         self.steps = self._live([standins.get(s.outputs[0], s) if s.outputs else s for s in steps])
 
     # -- construction ------------------------------------------------------------------------
@@ -280,10 +281,8 @@ class GraphModule(nn.Module):
         bits = _bits_of(signs) if signs is not None else None
         if bits is None or signs.name not in static or bits.name in self._param_of:
             return
-        # Latent weights start at the decoded signs: the first step that moves one past 0 flips it.
         decoded = static[signs.name].float()
-        key = self._add_param(bits.name, decoded * 0.5)
-        self._dtype[bits.name] = torch.uint8
+        key = self._add_param(bits.name, decoded * BINARY_LATENT_START)
         self.binary.append(BinaryWeight(signs.name, bits, key))
 
         def run(env: dict, key: str = key) -> torch.Tensor:

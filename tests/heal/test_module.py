@@ -105,8 +105,9 @@ def test_module_matches_onnxruntime(name: str, mode: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
-def test_minilm_matches_onnxruntime(mode: str) -> None:
-    _check_parity("minilm", mode)
+@pytest.mark.parametrize("name", ["resnet18", "minilm"])
+def test_large_builtins_match_onnxruntime(name: str, mode: str) -> None:
+    _check_parity(name, mode)
 
 
 def test_parity_check_can_fail() -> None:

@@ -53,6 +53,7 @@ def test_heal_recovers_pruned_accuracy(tmp_path: Path) -> None:
     assert report["counts"]["steps"] == 200 and report["counts"]["initializers_changed"] > 0
     note = next(n for n in report["notes"] if n.startswith("heal:"))
     assert "digits training split" in note and f"{after:.4f}" in note
+    assert note in (healed.out / "report.md").read_text()
     # the shapes prune-channels chose are kept
     assert healed.manifest["model"]["after"]["params"] == pruned.manifest["model"]["after"]["params"]
     assert "heal samples_per_s" in healed.timings
@@ -211,3 +212,25 @@ def test_heal_on_gpu(tmp_path: Path) -> None:
     gpu = _export(tmp_path, "gpu", "fold-constants,prune-channels:ratio=0.5,heal:steps=100,device=cuda")
     acc_cpu, acc_gpu = _accuracy(cpu.out / "model.onnx"), _accuracy(gpu.out / "model.onnx")
     assert abs(acc_cpu - acc_gpu) <= 0.02 and acc_gpu >= 0.95
+
+
+def test_learn_scales_trains_the_quantization_scales(tmp_path: Path) -> None:
+    spec = "fold-constants,quantize:int8,speed_check=false"
+    fixed = _export(tmp_path, "fixed", spec + ",heal:steps=40")
+    learned = _export(tmp_path, "learned", spec + ",heal:steps=40,learn_scales=true")
+
+    def scales(result) -> dict[str, np.ndarray]:
+        model = onnx.load(result.out / "model.onnx")
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+        names = {casts.get(n.input[1], n.input[1]) for n in model.graph.node
+                 if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+        return {k: inits[k] for k in names if k in inits}
+
+    a, b = scales(fixed), scales(learned)
+    assert a.keys() == b.keys() and len(a) >= 5
+    assert all(a[k].dtype == b[k].dtype for k in a)  # stored as they were (float16 here)
+    assert sum(not np.array_equal(a[k], b[k]) for k in a) >= 3
+    plain = _export(tmp_path, "plain", spec)
+    assert all(np.array_equal(scales(plain)[k], a[k]) for k in a)  # fixed without the option
+    assert _accuracy(learned.out / "model.onnx") >= 0.97
