@@ -36,6 +36,7 @@ class TrainingData:
     warning: str | None = None
     teacher_model: Any = None  # the source graph (onnx_ir.Model): layer outputs for hidden=
     _teacher_outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    _held_out_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -51,7 +52,10 @@ class TrainingData:
         return self._teacher_outputs
 
     def held_out_teacher(self) -> list[list[np.ndarray]]:
-        return [self.teacher(feed) for feed in self.held_out]
+        """The teacher's outputs on the held-out batches (computed once)."""
+        if self._held_out_outputs is None:
+            self._held_out_outputs = [self.teacher(feed) for feed in self.held_out]
+        return self._held_out_outputs
 
 
 def read_npz(path: str | Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
