@@ -40,6 +40,7 @@ from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.heal.data import training_data
 from slimgraph.passes import Pipeline
+from slimgraph.passes.heal import mean_row_cosine
 from slimgraph.passes.quantize.calibrate import serialize
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,11 +58,6 @@ ROWS = {
 def _run(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     session = session_for(serialize(model), SESSION)
     return np.concatenate([session.run(None, f)[0] for f in feeds])
-
-
-def _cosine(out: np.ndarray, ref: np.ndarray) -> float:
-    out, ref = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
-    return float(np.mean((out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)))
 
 
 class Scorer:
@@ -85,7 +81,7 @@ class Scorer:
             if labels is not None:
                 out[f"{key} top-1"] = float((got.argmax(1) == np.concatenate(labels)).mean())
             else:
-                out[f"{key} cosine"] = _cosine(got, self.reference[key])
+                out[f"{key} cosine"] = mean_row_cosine(got, self.reference[key])
         return out
 
     def variant(self, spec: str) -> tuple[ir.Model, list]:

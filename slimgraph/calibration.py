@@ -30,6 +30,19 @@ def read_samples(path: str | Path, what: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def split_held_out(feeds: list[Feeds]) -> tuple[list[Feeds], list[Feeds]]:
+    """Feeds to use and feeds to hold out: the last quarter is held out (all of them below 4)."""
+    if len(feeds) < 4:
+        return feeds, feeds
+    held = max(1, len(feeds) // 4)
+    return feeds[:-held], feeds[-held:]
+
+
+def stack_feeds(feeds: list[Feeds]) -> Feeds:
+    """One feed holding every sample of ``feeds``, concatenated along axis 0."""
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
 class Calibration:
     """A re-iterable list of feeds. Accepts feeds, an .npz file, or an ORT CalibrationDataReader."""
 
@@ -60,11 +73,7 @@ class Calibration:
 
     def batched(self, batch: int) -> list[Feeds]:
         """Concatenate consecutive feeds into batches of ``batch`` samples (the last may be short)."""
-        out = []
-        for i in range(0, len(self.feeds), batch):
-            group = self.feeds[i : i + batch]
-            out.append({k: np.concatenate([f[k] for f in group]) for k in group[0]})
-        return out
+        return [stack_feeds(self.feeds[i : i + batch]) for i in range(0, len(self.feeds), batch)]
 
     def __iter__(self) -> Iterator[Feeds]:
         return iter(self.feeds)

@@ -131,7 +131,7 @@ def _export(args: argparse.Namespace) -> int:
             allow_mismatch=args.allow_mismatch, build_only=args.build_only, train=args.train,
             on_stage=on_stage, on_progress=lambda text: status.update(f"[bold]{text}[/]"),
         )
-    if "written_by" in result.manifest:  # a torchrun rank other than 0: it trained, rank 0 writes
+    if result.rank:  # a torchrun rank other than 0: it trained, rank 0 writes
         return 0
     if args.json:
         print(json.dumps({"out": str(result.out), "passed": result.passed,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +38,7 @@ class ExportResult:
     timings: dict[str, float]  # seconds per stage; kept out of the (byte-stable) artifact
     built: dict[str, BuiltArtifact] = dataclasses.field(default_factory=dict)  # by backend name
     unverified: dict[str, str] = dataclasses.field(default_factory=dict)  # built, not run: why
+    rank: int = 0  # a torchrun rank other than 0 healed with the others and wrote nothing
 
     @property
     def warnings(self) -> list[str]:
@@ -116,16 +116,18 @@ def export(
     t = time.perf_counter()
     stage("passes")
     pipeline.bind_calibration(loaded.calibration)
+    rank = 0
     if pipeline.needs_training:
         from slimgraph.heal.data import training_data
+        from slimgraph.heal.distributed import job_rank
 
         stage("training data")
         pipeline.bind_training(training_data(loaded, train), on_progress)
+        rank = job_rank()
     ir_model, reports = pipeline.run(ir_model)
     timings["passes"] = time.perf_counter() - t
-    rank = int(os.environ.get("RANK", "0")) if pipeline.needs_training else 0
     if rank != 0:  # one rank of a torchrun job that healed together: rank 0 writes the artifact
-        return ExportResult(out, {"written_by": "rank 0", "rank": rank}, [], timings)
+        return ExportResult(out, {}, [], timings, rank=rank)
 
     stage("check")
     proto = ir.to_proto(ir_model)

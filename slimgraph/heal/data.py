@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from slimgraph.calibration import Feeds, read_samples
+from slimgraph.calibration import Feeds, read_samples, split_held_out, stack_feeds
 from slimgraph.errors import InputSpecError
 from slimgraph.verify import Runner
 
@@ -82,7 +82,7 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     if train is not None:
         inputs, labels = read_npz(train, names)
         source = str(train)
-    elif getattr(loaded, "training", None) is not None:
+    elif loaded.training is not None:
         split = loaded.training()
         inputs, labels, source = split.inputs, split.labels, split.source
         if split.held_out:
@@ -90,10 +90,9 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     elif loaded.calibration is not None and len(loaded.calibration):
         feeds = loaded.calibration.feeds
         if not held_out:  # nothing else is held out: keep the last quarter of the set for scoring
-            cut = len(feeds) - max(1, len(feeds) // 4) if len(feeds) >= 4 else len(feeds)
-            held_out = [_stack(feeds[cut:])] if cut < len(feeds) else [_stack(feeds)]
-            feeds = feeds[:cut]
-        inputs, labels = _stack(feeds), None
+            feeds, held = split_held_out(feeds)
+            held_out = [stack_feeds(held)]
+        inputs, labels = stack_feeds(feeds), None
         source = f"the calibration set ({len(feeds)} samples)"
         warning = ("heal trained on the calibration set: pass training data (--train FILE.npz) "
                    "for a model that should generalise")
@@ -106,6 +105,3 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     return TrainingData(inputs, labels, held_out, held_labels, loaded.reference, loaded.task,
                         source, warning, loaded.model)
 
-
-def _stack(feeds: list[Feeds]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}

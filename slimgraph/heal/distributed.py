@@ -31,6 +31,11 @@ def joined_job() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def job_rank() -> int:
+    """This process's rank in the torchrun job heal joins (0 outside one)."""
+    return int(os.environ["RANK"]) if joined_job() else 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,7 +88,7 @@ def _local_worker(root: str, config: dict[str, Any], loss: str, learn_scales: bo
         teacher_module.taps = module.taps
     stats = train_rank(module, inputs, teacher, labels, TrainConfig(**config), loss, teacher_module)
     dist.destroy_process_group()
-    if int(os.environ["RANK"]) != 0:
+    if job_rank() != 0:
         return None
     weights = {k: p.detach().cpu().numpy() for k, p in module.weights.items()}
     return weights, dataclasses.asdict(stats)

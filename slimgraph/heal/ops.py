@@ -57,29 +57,30 @@ def expand_qparam(p: Tensor, x: Tensor, axis: int, block: int) -> Tensor:
     return _axis_shape(p, x, axis)
 
 
+def _qparams(scale: Tensor, zero_point: Tensor | None, x: Tensor, axis: int,
+             block: int) -> tuple[Tensor, Tensor | float]:
+    """Scale and zero point (in the scale's dtype) broadcastable to ``x``."""
+    s = expand_qparam(scale, x, axis, block)
+    return s, 0.0 if zero_point is None else expand_qparam(zero_point.to(s.dtype), x, axis, block)
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor | None, qrange: tuple[int, int],
                axis: int = 1, block: int = 0) -> Tensor:
     """``DequantizeLinear(QuantizeLinear(x))`` with a straight-through round: ONNX's formula."""
-    s = expand_qparam(scale, x, axis, block)
-    zp = 0.0 if zero_point is None else expand_qparam(zero_point.to(s.dtype), x, axis, block)
-    q = torch.clamp(round_ste(x / s) + zp, *qrange)
-    return (q - zp) * s
+    s, z = _qparams(scale, zero_point, x, axis, block)
+    return (torch.clamp(round_ste(x / s) + z, *qrange) - z) * s
 
 
 def quantize_linear(i: list, a: dict) -> Tensor:
     x, scale, zp = i[0], i[1], i[2] if len(i) > 2 else None
     dtype = a.get("output_dtype") or (_elem_type(zp) if zp is not None else 2)
-    axis, block = a.get("axis", 1), a.get("block_size", 0)
-    s = expand_qparam(scale.to(x.dtype), x, axis, block)
-    z = 0.0 if zp is None else expand_qparam(zp.to(x.dtype), x, axis, block)
+    s, z = _qparams(scale.to(x.dtype), zp, x, a.get("axis", 1), a.get("block_size", 0))
     return torch.clamp(round_ste(x / s) + z, *QUANT_RANGES[dtype])
 
 
 def dequantize_linear(i: list, a: dict) -> Tensor:
     x, scale, zp = i[0], i[1], i[2] if len(i) > 2 else None
-    axis, block = a.get("axis", 1), a.get("block_size", 0)
-    s = expand_qparam(scale, x, axis, block)
-    z = 0.0 if zp is None else expand_qparam(zp.to(s.dtype), x, axis, block)
+    s, z = _qparams(scale, zp, x, a.get("axis", 1), a.get("block_size", 0))
     return (x.to(s.dtype) - z) * s
 
 

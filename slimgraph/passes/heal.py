@@ -190,13 +190,16 @@ def score(model: ir.Model, data: Any) -> Score:
         hits = sum(int((o.argmax(-1) == y).sum()) for o, y in zip(outputs, data.held_out_labels,
                                                                    strict=True))
         return Score("accuracy", hits / samples, samples)
-    reference = [r[0] for r in data.held_out_teacher()]
-    cosines = []
-    for o, r in zip(outputs, reference, strict=True):
-        o2, r2 = o.reshape(len(o), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64)
-        norms = np.linalg.norm(o2, axis=1) * np.linalg.norm(r2, axis=1)
-        cosines.extend(((o2 * r2).sum(1) / np.maximum(norms, 1e-12)).tolist())
-    return Score("mean cosine to the float model", float(np.mean(cosines)), samples)
+    reference = np.concatenate([r[0] for r in data.held_out_teacher()])
+    return Score("mean cosine to the float model",
+                 mean_row_cosine(np.concatenate(outputs), reference), samples)
+
+
+def mean_row_cosine(out: np.ndarray, ref: np.ndarray) -> float:
+    """The mean over samples (axis 0) of the cosine between each sample's outputs."""
+    o, r = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    norms = np.linalg.norm(o, axis=1) * np.linalg.norm(r, axis=1)
+    return float(np.mean((o * r).sum(1) / np.maximum(norms, 1e-12)))
 
 
 class _progress:

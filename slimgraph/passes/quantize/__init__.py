@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from slimgraph.calibration import Feeds
+from slimgraph.calibration import Feeds, split_held_out
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.quantize.calibrate import (
     channel_absmax,
@@ -238,7 +238,7 @@ class InsertQDQPass(SlimgraphPass):
         timed = self.speed_check and self.mode == "int8"
         float_model = model.clone() if (timed or self.guard_cosine is not None) else None
         feeds = list(self.calibration) if self.calibration is not None else []
-        calib_feeds, held_out = _split(feeds)
+        calib_feeds, held_out = split_held_out(feeds)
         if self.smooth is not None:
             dtypes = self._smooth(model, set(layers) - set(self.exclude), calib_feeds)
 
@@ -425,14 +425,6 @@ def _time_once(session, feed: Feeds) -> float:
     start = time.perf_counter()
     session.run(None, feed)
     return time.perf_counter() - start
-
-
-def _split(feeds: list[Feeds]) -> tuple[list[Feeds], list[Feeds]]:
-    """Calibration and held-out feeds: the last quarter is held out (all of them below 4)."""
-    if len(feeds) < 4:
-        return feeds, feeds
-    held = max(1, len(feeds) // 4)
-    return feeds[:-held], feeds[-held:]
 
 
 def _run_all(model: ir.Model, feeds: list[Feeds]) -> list[list[np.ndarray]]:
