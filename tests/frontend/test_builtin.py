@@ -22,9 +22,10 @@ digits = pytest.importorskip("slimgraph.frontend.builtin.digits")
 
 FAST = ["digits-cnn", "mlp", "lstm", "resnet-tiny"]
 ALL = [*FAST, pytest.param("resnet18", marks=pytest.mark.slow),
+       pytest.param("efficientnet-lite1", marks=pytest.mark.slow),
        pytest.param("minilm", marks=pytest.mark.slow)]
 OUTPUT_WIDTH = {"digits-cnn": 10, "mlp": 10, "lstm": 10, "resnet-tiny": 10, "resnet18": 10,
-                "minilm": 384}
+                "efficientnet-lite1": 1000, "minilm": 384}
 DIGITS_MODELS = {"digits-cnn": "digits_cnn", "mlp": "mlp", "lstm": "lstm"}
 
 
@@ -56,7 +57,7 @@ def run_torch(model: BuiltinModel, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_registry_names_and_descriptions() -> None:
-    assert builtin_names() == list(BUILTINS) == [*FAST, "resnet18", "minilm"]
+    assert builtin_names() == list(BUILTINS) == [*FAST, "resnet18", "efficientnet-lite1", "minilm"]
     for description, factory in BUILTINS.values():
         assert description and "\n" not in description
         assert callable(factory)

@@ -81,6 +81,10 @@ BUILTINS: dict[str, tuple[str, Callable[[], BuiltinModel]]] = {
         "ResNet-18 layout for 3x32x32 (CIFAR-style), seeded random weights, synthetic data",
         _factory("resnet_tiny", "build_resnet18"),
     ),
+    "efficientnet-lite1": (
+        "EfficientNet-Lite1, published ImageNet weights, on crops of real photographs (240x240)",
+        _factory("efficientnet"),
+    ),
     "minilm": (
         "all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised, 384-d)",
         _factory("minilm"),

@@ -121,16 +121,21 @@ def activation_qparams(low: float, high: float, dtype: ir.DataType) -> QParams:
 
 
 def quantize_weight(
-    weight: np.ndarray, axis: int, reduce_range: bool = False, half_scales: bool = False
+    weight: np.ndarray, axis: int, reduce_range: bool = False, half_scales: bool = False,
+    min_scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int8 weights along ``axis``: (int8 values, float32 scales).
 
-    ``half_scales`` rounds the scales up to float16 values (where all fit) before quantizing.
+    ``half_scales`` rounds the scales up to float16 values (where all fit) before quantizing;
+    ``min_scales`` (per channel) is a floor under the scales (see ``bias_scale_floor``).
     """
     qmax = 63 if reduce_range else 127
     moved = np.moveaxis(weight.astype(np.float64), axis, 0)
     amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
-    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    scales = np.where(amax > 0, amax / qmax, 1.0)
+    if min_scales is not None:
+        scales = np.maximum(scales, np.broadcast_to(min_scales, scales.shape))
+    scales = scales.astype(np.float32)
     if half_scales:
         scales = fp16_ceil(scales) if fp16_ceil(scales) is not None else scales
     shape = [1] * weight.ndim
@@ -186,7 +191,7 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
         if node.domain not in ("", "ai.onnx"):
             continue
         acts = [v for v in node.inputs if is_float_activation(v, dtypes)]
-        if node.op_type == "Relu" and acts and acts[0].producer() in int8_nodes:
+        if _foldable_activation(node) and acts and acts[0].producer() in int8_nodes:
             y = acts[0]
             if len(y.uses()) == 1 and not y.is_graph_output() and not node.outputs[0].is_graph_output():
                 folded[y] = node
@@ -233,6 +238,31 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
         if node.op_type not in ("Gemm", "MatMul") or feeds_int8 or relu is not None:
             want(out)
     return _Placement(layers, int8_nodes, folded, range_of, quantized)
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip whose bounds are constants (absent: -inf / inf), else None."""
+    if node.op_type != "Clip":
+        return None
+    bounds = [-np.inf, np.inf]
+    if len(node.inputs) == 1 and ("min" in node.attributes or "max" in node.attributes):
+        bounds = [node.attributes.get_float("min", -np.inf), node.attributes.get_float("max", np.inf)]
+    for i, v in enumerate(node.inputs[1:3]):
+        if v is None:
+            continue
+        if v.const_value is None or v.const_value.numpy().size != 1:
+            return None
+        bounds[i] = float(v.const_value.numpy().reshape(()))
+    return bounds[0], bounds[1]
+
+
+def _foldable_activation(node: ir.Node) -> bool:
+    """A Relu, or a Clip whose range holds 0 (ReLU6): the saturating QuantizeLinear of its output
+    range does what it does (its minimum is the zero point's level)."""
+    if node.op_type == "Relu":
+        return True
+    bounds = clip_bounds(node)
+    return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
 
 
 def folded_outputs(folded: dict[ir.Value, ir.Node]) -> set[ir.Value]:
@@ -305,18 +335,22 @@ def apply_static(
     for node in placement.layers:
         axis = weight_axis(node)
         w = node.inputs[1]
+        x_dq = node.inputs[0].producer()
+        x_scale = x_dq.inputs[1] if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
         if (w, axis) not in weights:
             weight = w.const_value.numpy()
+            floor = bias_scale_floor(node, x_scale)
             tensor = weight_scales == "tensor" or (
                 weight_scales == "auto" and per_tensor_suffices(weight, axis, target.reduce_range))
             if tensor:
                 whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
-                _, scales = quantize_weight(whole, 0, target.reduce_range, True)
+                _, scales = quantize_weight(whole, 0, target.reduce_range, True,
+                                            None if floor is None else floor.max(initial=0.0))
                 qmax = 63 if target.reduce_range else 127
                 q = np.clip(np.round(weight / scales[0]), -qmax, qmax).astype(np.int8)
                 scales = scales.reshape(())
             else:
-                q, scales = quantize_weight(weight, axis, target.reduce_range, True)
+                q, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
             wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
             if fp16_ceil(scales) is not None:
                 ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
@@ -337,12 +371,32 @@ def apply_static(
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
         counts.layers += 1
-        x_dq = node.inputs[0].producer()
-        if len(node.inputs) > 2 and x_dq is not None and x_dq.op_type == "DequantizeLinear":
-            counts.biases += _quantize_bias(graph, namer, node, x_dq.inputs[1], ws, scales)
+        if len(node.inputs) > 2 and x_scale is not None:
+            counts.biases += _quantize_bias(graph, namer, node, x_scale, ws, scales)
     counts.joins = len(placement.int8_nodes) - len(placement.layers)
     common.RemoveUnusedNodesPass()(model)
     return counts
+
+
+BIAS_LIMIT = 2**30  # |int32 bias| at most this, leaving the accumulator headroom
+
+
+def bias_scale_floor(node: ir.Node, x_scale: ir.Value | None) -> np.ndarray | None:
+    """Per-channel weight scales below which the layer's bias would not fit int32, or None.
+
+    The bias is stored as ``round(b / (s_x * s_w))``. A channel that BatchNorm folding left
+    all but dead (|W_c| ~ 1e-10, trained networks have them) gets a tiny ``s_w`` and a bias far
+    beyond int32; a float bias then keeps onnxruntime from fusing the layer into QLinearConv /
+    QGemm. Raising such a channel's scale to ``|b_c| / (s_x * BIAS_LIMIT)`` costs nothing: its
+    weights round to 0 either way, as they nearly are.
+    """
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if (b is None or b.const_value is None or x_scale is None or x_scale.const_value is None
+            or b.const_value.dtype != FLOAT):
+        return None
+    s_x = float(x_scale.const_value.numpy().reshape(-1)[0])
+    bias = np.abs(b.const_value.numpy().astype(np.float64)).reshape(-1)
+    return bias / (s_x * BIAS_LIMIT) if s_x > 0 else None
 
 
 def _quantize_bias(
