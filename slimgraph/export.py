@@ -116,6 +116,7 @@ def export(
     t = time.perf_counter()
     stage("passes")
     pipeline.bind_calibration(loaded.calibration)
+    pipeline.bind_verification(loaded.verification_feeds, loaded.task == "classification")
     rank = 0
     if pipeline.needs_training:
         from slimgraph.heal.data import training_data

@@ -107,6 +107,14 @@ def verify(
         if len(r) != len(g):
             raise ValueError(f"{backend}: {len(g)} outputs but the reference has {len(r)}")
     metrics = compare_outputs(output_names, ref, got)
+    failures = check_metrics(metrics, tolerance, check_top1)
+    samples = sum(_batch_size(f) for f in feeds)
+    return VerificationResult(backend, not failures, samples, tolerance, metrics, failures)
+
+
+def check_metrics(metrics: Sequence[OutputMetrics], tolerance: Tolerance,
+                  check_top1: bool = False) -> list[str]:
+    """One line per output metric outside ``tolerance`` (none when all hold)."""
     failures = []
     for m in metrics:
         if m.max_rel_err > tolerance.max_rel_err:
@@ -123,8 +131,7 @@ def verify(
                 f"output {m.name!r}: top-1 agreement {m.top1_agreement:.4f} below "
                 f"{tolerance.min_top1:g}"
             )
-    samples = sum(_batch_size(f) for f in feeds)
-    return VerificationResult(backend, not failures, samples, tolerance, metrics, failures)
+    return failures
 
 
 def _batch_size(feed: Feeds) -> int:

@@ -154,7 +154,7 @@ def test_calibration_that_does_not_fit_the_model(torch_models_module, tmp_path, 
     import numpy as np
 
     wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, pixels=np.zeros((4, 3, 16, 16), np.float32))
+    np.savez(wrong, pixels=np.zeros((4, 3, 16, 16), np.float32), mask=np.zeros((4, 1), np.float32))
     assert main(["export", f"{torch_models_module}:build_with_inputs", "--input", "image=2x3x16x16",
                  "--calib", str(wrong), "-o", str(tmp_path / "o")]) == 2
     assert "no array for input 'image'" in capsys.readouterr().err
@@ -164,3 +164,18 @@ def test_calibration_that_does_not_fit_the_model(torch_models_module, tmp_path, 
                  "--calib", str(bad_shape), "-o", str(tmp_path / "o")]) == 2
     assert "dim 2 is 8" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_single_input_model_takes_the_only_calibration_array_whatever_its_name(
+        torch_models_module, tmp_path, capsys):
+    """A torch callable's input is input_0; an .npz saved with the array as ``x`` still feeds it."""
+    import numpy as np
+
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "o"
+    assert main(["export", f"{torch_models_module}:build_with_inputs", "--passes", "quantize:int8",
+                 "--calib", str(data), "-o", str(out), "--json"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["input_0"]
+    assert manifest["passes"][0]["counts"]["layers_quantized"] == 2

@@ -88,6 +88,7 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
 
     model = load_onnx(path)
     _check_input_names(model, inputs, str(path))
+    calib = for_single_input(model, calib)
     try:
         reference = runner_for(session_for(path))
     except Exception as exc:  # onnxruntime's own exception types
@@ -143,6 +144,7 @@ def _load_torch(module, example, inputs: dict, calib: Calibration | None,
             raise InputSpecError(f"{label}: {len(example)} example inputs but --input names {names}")
     model = export_module(module, example, names, label=label)
     source["sha256"] = _proto_sha256(model)
+    calib = for_single_input(model, calib)
     if calib:
         check_feed(model, calib.feeds[0], f"{label}: calibration data")
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else _example_feeds(
@@ -182,6 +184,7 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
     if calib is None:
         calib = Calibration(builtin.calibration(64))
     else:
+        calib = for_single_input(model, calib)
         check_feed(model, calib.feeds[0], f"{builtin.name}: calibration data")
     source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
@@ -245,6 +248,18 @@ def _check_builtin_inputs(builtin, inputs: dict) -> None:
 
 def _shape_text(dims: Sequence) -> str:
     return "x".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims)
+
+
+def for_single_input(model: ir.Model, calib: Calibration | None) -> Calibration | None:
+    """A single-input model takes the only array of each calibration feed whatever its name
+    (an .npz saved as ``x`` for a torch callable whose input is ``input_0``); else ``calib``."""
+    inputs = model.graph.inputs
+    if calib is None or len(inputs) != 1 or not calib.feeds:
+        return calib
+    name = inputs[0].name
+    if all(len(f) == 1 and name not in f for f in calib.feeds):
+        return Calibration([{name: next(iter(f.values()))} for f in calib.feeds])
+    return calib
 
 
 def check_feed(model: ir.Model, feed: Feeds, label: str) -> None:

@@ -26,6 +26,11 @@ class SlimgraphPass(ir.passes.InPlacePass):
     calibration: Calibration | None = None
     needs_training: ClassVar[bool] = False  # export() binds heal.data.TrainingData before running
     training: Any = None
+    # Passes that judge their own result (quantize's accuracy guard) get the data the artifact is
+    # verified on, and whether top-1 agreement binds there (classification), from export().
+    wants_verification: ClassVar[bool] = False
+    verification: list | None = None
+    check_top1: bool = False
 
     def __init__(self) -> None:
         self.report = PassReport(self.name, options=self.options())

@@ -110,6 +110,12 @@ class Pipeline:
                     raise PipelineSpecError(f"pass {p.name!r} needs calibration data (--calib)")
                 p.calibration = calibration
 
+    def bind_verification(self, feeds: list, check_top1: bool) -> None:
+        """Give the verification feeds to the passes that judge their own result."""
+        for p in self.passes:
+            if p.wants_verification and p.verification is None:
+                p.verification, p.check_top1 = list(feeds), check_top1
+
     @property
     def needs_training(self) -> bool:
         return any(p.needs_training for p in self.passes)

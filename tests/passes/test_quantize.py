@@ -132,7 +132,7 @@ def test_per_channel_scales_sit_on_the_output_channel_axis(op, w_shape, axis, x_
     proto = _single_layer(op, w, x_shape, attrs)
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal(x_shape).astype(np.float32)} for _ in range(8)]
-    model, _, _ = _quantize(proto, feeds)
+    model, _, _ = _quantize(proto, feeds, rounding="nearest")  # GPTQ may move a weight further
     dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()
               and n.inputs[0].const_value.dtype == ir.DataType.INT8)
     assert dq.attributes.get_int("axis") == axis
@@ -284,7 +284,7 @@ def _outlier_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
 def test_accuracy_guard_keeps_the_outlier_layer_float():
     proto = _outlier_mlp()
     feeds, fresh = _outlier_feeds(32, 0), _outlier_feeds(1, 99)[0]
-    unguarded, _, _ = _quantize(proto, feeds)
+    unguarded, _, _ = _quantize(proto, feeds, guard=False)
     assert _cosine(_run(proto, fresh)[0], _run(unguarded, fresh)[0]) < 0.99  # the plant works
 
     guarded, qpass, _ = _quantize(proto, feeds, tolerance=0.99)
@@ -314,7 +314,9 @@ def test_export_surfaces_a_missed_guard_as_a_warning(tmp_path: Path):
     result = slimgraph.export(path, tmp_path / "out", passes="quantize:int8,tolerance=0.99,max_float=0",
                               calibration=_outlier_feeds(32, 0), allow_mismatch=True)
     (warning,) = [w for w in result.warnings if "accuracy guard" in w]
-    assert warning.startswith("quantize: accuracy guard: tolerance 0.99 missed; first diverging tensor: a")
+    assert warning.startswith("quantize: accuracy guard: tolerance cosine >= 0.99, max rel err <= 0.25 "
+                              "missed (output 'y': ")
+    assert "first diverging tensor: a (output of MatMul fc_a)" in warning
 
 
 def test_first_divergence_finds_a_perturbed_layer_and_not_before():

@@ -142,3 +142,35 @@ def test_bias_scale_floor(bias):
         assert floor is None
     else:
         np.testing.assert_allclose(floor, np.abs(bias) / (0.5 * 2**30))
+
+
+def test_layer_kept_float_reads_a_float_input():
+    """exclude=depthwise: the depthwise Conv and its input stay float, so the ReLU6 before it
+    stays a Clip and nothing quantizes the expand Conv's output for it."""
+    proto = _mobile_block(dead=False)
+    qpass = InsertQDQPass(speed_check=False, calib="minmax", exclude=["depthwise"], guard=False)
+    qpass.calibration = Calibration(_feeds(32, 0))
+    model = ir.from_proto(proto)
+    qpass(model)
+    quantized = [n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert "c0" not in quantized and "r0" not in quantized
+    clip = next(n for n in model.graph if n.name == "relu6_0")
+    assert clip.inputs[0].producer().name == "expand"  # the float output, no DequantizeLinear
+    depthwise = next(n for n in model.graph if n.name == "depthwise")
+    assert depthwise.inputs[0] is clip.outputs[0] and depthwise.inputs[1].name == "w1"
+    # The ReLU6 after the float depthwise stays a Clip too: its producer is not int8.
+    assert qpass.report.counts["relus_folded"] == 0 and qpass.report.counts["layers_quantized"] == 2
+    assert _relative_error(proto, ir.to_proto(model)) < 0.02
+
+
+def test_guard_runs_by_default_at_the_declared_tolerance():
+    """Without options the int8 guard checks the held-out samples; guard=false skips it."""
+    proto = _mobile_block()
+    _, guarded = _quantized(proto)
+    assert any(n.startswith("accuracy guard: all layers int8 -> cosine") and
+               "held-out calibration samples" in n for n in guarded.report.notes)
+    assert guarded.guard_tolerance().min_cosine == 0.99
+    qpass = InsertQDQPass(speed_check=False, guard=False)
+    qpass.calibration = Calibration(_feeds(8, 0))
+    qpass(ir.from_proto(proto))
+    assert not any("accuracy guard" in n for n in qpass.report.notes)

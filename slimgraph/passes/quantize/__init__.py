@@ -29,7 +29,7 @@ from slimgraph.passes.quantize.calibrate import (
     serialize,
     values_by_name,
 )
-from slimgraph.passes.quantize.divergence import Divergence, first_divergence
+from slimgraph.passes.quantize.divergence import Divergence, first_divergence, tensor_cosines
 from slimgraph.passes.quantize.embedding import embedding_tables, quantize_embeddings
 from slimgraph.passes.quantize.int8 import (
     WEIGHT_SCALES,
@@ -49,6 +49,7 @@ from slimgraph.passes.quantize.layers import (
     quantizable_layers,
     weight_axis,
 )
+from slimgraph.passes.quantize.rounding import ROUNDINGS, layer_statistics
 from slimgraph.passes.quantize.smooth import (
     alpha_factors,
     search_factors,
@@ -81,6 +82,8 @@ _SPEED_BUDGET_S = 1.5  # seconds of timed calls the speed guard spends
 _SPEED_MIN_ROUNDS, _SPEED_MAX_ROUNDS = 15, 2000
 _SPEED_SESSION = {"allow_spinning": False, "intra_op_num_threads": 2}  # timed and profiled alike
 _SEARCH_ROWS = 1024  # calibration rows per smoothed input that smooth=auto scores candidates on
+GUARD_RANK_SAMPLES = 64  # samples each layer's sensitivity is measured on
+GUARD_FLOAT_SHARE_PCT = 25  # default max_float: a quarter of the layers (int8 keeps its speed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class InsertQDQPass(SlimgraphPass):
     name = "quantize"
     tolerance: ClassVar[Tolerance] = INT8_TOLERANCE
     needs_calibration = True
+    wants_verification = True
 
     def __init__(
         self,
@@ -128,6 +132,8 @@ class InsertQDQPass(SlimgraphPass):
         weight_scales: str = "auto",
         acts: str = "float",
         embeddings: str = "int8",
+        rounding: str = "gptq",
+        guard: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -139,6 +145,8 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         if tolerance is not None and not 0.0 < tolerance <= 1.0:
             raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
         if weight_scales not in WEIGHT_SCALES:
             raise ValueError(f"unknown weight_scales {weight_scales!r}; valid: {', '.join(WEIGHT_SCALES)}")
         if format not in INT4_FORMATS:
@@ -164,6 +172,9 @@ class InsertQDQPass(SlimgraphPass):
             else dataclasses.replace(INT8_TOLERANCE, min_cosine=min(tolerance, INT8_TOLERANCE.min_cosine))
         )
         self.guard_cosine = tolerance
+        # On by default for int8 at its declared tolerance; tolerance= turns it on in every mode.
+        self.guard = tolerance is not None or (guard and mode == "int8")
+        self.fallen: list[str] = []
         self.exclude = list(exclude or [])
         if block not in BLOCK_SIZES:
             raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
@@ -185,6 +196,7 @@ class InsertQDQPass(SlimgraphPass):
             raise ValueError(f"unknown embeddings {embeddings!r}; valid: int8, float")
         self.embeddings = embeddings
         self.format = format
+        self.rounding = rounding
         self.speed_check = speed_check
         self.smooth = smooth
         self.max_float = max_float
@@ -202,6 +214,7 @@ class InsertQDQPass(SlimgraphPass):
     def options(self) -> dict:
         opts = super().options()
         opts["tolerance"] = self.guard_cosine
+        opts["guard"] = self.guard
         return opts
 
     def target(self) -> Int8Target:
@@ -236,7 +249,7 @@ class InsertQDQPass(SlimgraphPass):
         if unknown:
             self.report.notes.append(f"exclude: no quantizable layer named {', '.join(unknown)}")
         timed = self.speed_check and self.mode == "int8"
-        float_model = model.clone() if (timed or self.guard_cosine is not None) else None
+        float_model = model.clone() if (timed or self.guard) else None
         feeds = list(self.calibration) if self.calibration is not None else []
         calib_feeds, held_out = split_held_out(feeds)
         if self.smooth is not None:
@@ -247,6 +260,10 @@ class InsertQDQPass(SlimgraphPass):
         if static:
             wanted = _range_candidates(model, dtypes, set(self.exclude))
             ranges = collect_ranges(model, wanted, calib_feeds, self.calib, self.percentile)
+        statistics = {}
+        if static and self.rounding == "gptq":
+            statistics = layer_statistics(model, [x for x in layers if x not in self.exclude],
+                                          calib_feeds)
 
         def build(keep_float: set[str], into: ir.Model) -> Counts:
             if self.mode != "int8":
@@ -255,13 +272,14 @@ class InsertQDQPass(SlimgraphPass):
             elif self.dynamic:
                 counts = apply_dynamic(into, dtypes, target, keep_float)
             else:
-                counts = apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales)
+                counts = apply_static(into, dtypes, ranges, target, keep_float, self.weight_scales,
+                                      statistics)
             if self.embeddings == "int8":
                 counts.embeddings = quantize_embeddings(into.graph, keep_float)
             return counts
 
         keep_float = set(self.exclude)
-        if self.guard_cosine is not None:
+        if self.guard:
             keep_float = self._guard(model, build, keep_float, layers, held_out, dtypes)
         counts = build(keep_float, model)
         self.report.count("layers_quantized", counts.layers)
@@ -273,6 +291,9 @@ class InsertQDQPass(SlimgraphPass):
             self.report.count("relus_folded", counts.relus_folded)
             self.report.count("qdq_pairs", counts.qdq_pairs)
             self.report.count("biases_quantized", counts.biases)
+            if self.rounding == "gptq":
+                self.report.count("layers_gptq", counts.gptq)
+                self.report.count("biases_corrected", counts.biases_corrected)
         untouched = {"dynamic": "Conv", "int4": "Conv"}.get("dynamic" if self.dynamic else self.mode)
         convs = sum(1 for n in model.graph if n.op_type == "Conv") if untouched else 0
         if convs and self.dynamic:
@@ -284,6 +305,8 @@ class InsertQDQPass(SlimgraphPass):
             self.report.notes.append(f"int4: {convs} Conv node(s) stay float (int4 is for MatMul/Gemm)")
         if timed and float_model is not None and counts.layers:
             self._speed_guard(float_model, model, held_out or feeds)
+            if self.fallen:
+                self._fallback_cost(float_model, model, build, held_out or feeds)
         logger.info("quantize: %s", self.report.counts)
         return ir.passes.PassResult(model, counts.layers > 0)
 
@@ -325,52 +348,123 @@ class InsertQDQPass(SlimgraphPass):
 
     def _guard(self, model, build, keep_float: set[str], layers: list[str],
                held_out: list[Feeds], dtypes: dict[str, ir.DataType]) -> set[str]:
-        """Keep the most sensitive layers float until the held-out cosine reaches the tolerance."""
-        threshold = self.guard_cosine
-        assert threshold is not None
-        if not held_out:
-            raise ValueError("the accuracy guard (tolerance=) needs calibration samples")
-        reference = _run_all(model, held_out)
+        """Keep the most damaging layers float until the outputs meet the guard's tolerance.
 
-        def cosine(keep: set[str]) -> float:
+        Judged on the data the artifact is verified on where export bound it (``verification``),
+        else on the held-out calibration samples. A layer kept float also reads a float input
+        (see ``int8.place``), so the unit of the search is a layer with its input activation.
+        Layers are ranked by how much keeping each one float alone improves the cosine of the
+        outputs (on at most ``GUARD_RANK_SAMPLES`` samples), most damaging first; the shortest
+        prefix of that ranking that meets the tolerance (binary search, at most ``max_float``) is
+        kept float.
+        """
+        from slimgraph.verify import check_metrics, compare_outputs
+
+        data = self.verification or held_out
+        target = self.guard_tolerance()
+        if not data:
+            if self.guard_cosine is not None:
+                raise ValueError("the accuracy guard (tolerance=) needs calibration samples")
+            self.report.notes.append("accuracy guard: no held-out or verification data; not run")
+            return keep_float
+        reference = _run_all(model, data)
+        names = [v.name for v in model.graph.outputs]
+        rank_data = _first_samples(data, GUARD_RANK_SAMPLES)
+        rank_reference = reference[: len(rank_data)]
+
+        def failures(keep: set[str]) -> tuple[list[str], list]:
             candidate = model.clone()
             build(keep, candidate)
-            return _min_cosine(reference, _run_all(candidate, held_out))
+            metrics = compare_outputs(names, reference, _run_all(candidate, data))
+            return check_metrics(metrics, target, self.check_top1), metrics
 
-        score = cosine(keep_float)
-        self.report.notes.append(f"accuracy guard: all layers int8 -> cosine {score:.5f}")
-        if score >= threshold:
+        def rank_cosine(keep: set[str]) -> float:
+            candidate = model.clone()
+            build(keep, candidate)
+            return _min_cosine(rank_reference, _run_all(candidate, rank_data))
+
+        missed, metrics = failures(keep_float)
+        self.report.notes.append(f"accuracy guard: all layers int8 -> {_describe(metrics)} "
+                                 f"on {_samples(data)} samples ({self._guard_source()})")
+        if not missed:
             return keep_float
         active = [x for x in layers if x not in keep_float]
-        errors = {x: 1.0 - cosine(set(layers) - {x}) for x in active}
-        ranked = sorted(active, key=lambda x: -errors[x])
+        budget = (max(1, -(-len(active) * GUARD_FLOAT_SHARE_PCT // 100)) if self.max_float is None
+                  else self.max_float)
+        budget = min(budget, len(active))
+        ranked: list[str] = []
+        if budget:
+            base = rank_cosine(keep_float)
+            gains = {x: rank_cosine(keep_float | {x}) - base for x in active}
+            ranked = sorted(active, key=lambda x: -gains[x])
+            self.report.notes.append(
+                "layer sensitivity (cosine gained when kept float alone): "
+                + ", ".join(f"{x}=+{max(gains[x], 0.0):.2g}" for x in ranked[:budget])
+            )
+        # The shortest prefix of the ranking that holds: binary search on its length.
+        low, high, best = 1, budget, None
+        results: dict[int, tuple[list[str], list]] = {}
+        while low <= high:
+            mid = (low + high) // 2
+            results[mid] = failures(keep_float | set(ranked[:mid]))
+            if results[mid][0]:
+                low = mid + 1
+            else:
+                best, high = mid, mid - 1
+        count = best if best is not None else budget
+        fallen = ranked[:count]
+        if count:
+            missed, metrics = results.get(count) or failures(keep_float | set(fallen))
+        self.fallen = fallen
+        verdict = "holds" if not missed else "STILL MISSED"
         self.report.notes.append(
-            "layer sensitivity (1 - cosine, alone): "
-            + ", ".join(f"{x}={errors[x]:.3g}" for x in ranked)
+            f"accuracy guard: kept float {', '.join(fallen) or 'nothing'} -> {_describe(metrics)}, "
+            f"tolerance {_describe_tolerance(target, self.check_top1)} {verdict}"
+            + (f" (max_float={budget})" if missed and count == budget else "")
         )
-        fallen: list[str] = []
-        budget = len(ranked) if self.max_float is None else self.max_float
-        for layer in ranked[:budget]:
-            keep_float = keep_float | {layer}
-            fallen.append(layer)
-            score = cosine(keep_float)
-            if score >= threshold:
-                break
-        verdict = "holds" if score >= threshold else "STILL MISSED"
-        self.report.notes.append(
-            f"accuracy guard: kept float {', '.join(fallen) or 'nothing'} -> cosine {score:.5f}, "
-            f"tolerance {threshold:g} {verdict}"
-            + (f" (max_float={self.max_float})" if len(fallen) == budget < len(ranked) else "")
-        )
-        if score < threshold:
+        keep_float = keep_float | set(fallen)
+        if missed:
             candidate = model.clone()
             build(keep_float, candidate)
-            first = first_divergence(model, candidate, held_out, dtypes, threshold)
-            where = first.describe() if first else "no single tensor below the tolerance"
-            self.report.notes.append(f"WARNING: accuracy guard: tolerance {threshold:g} missed; "
-                                     f"first diverging tensor: {where}")
-            logger.warning("quantize: tolerance %g missed; first diverging tensor: %s", threshold, where)
+            cosines = tensor_cosines(model, candidate, data[:4], dtypes)
+            first = next((d for d in cosines if d.cosine < target.min_cosine), None)
+            lowest = min(cosines, key=lambda d: d.cosine, default=None)
+            where = (first.describe() if first else "none below the cosine tolerance"
+                     + (f"; the lowest: {lowest.describe()}" if lowest else ""))
+            self.report.notes.append(
+                f"WARNING: accuracy guard: tolerance {_describe_tolerance(target, self.check_top1)} "
+                f"missed ({'; '.join(missed)}); first diverging tensor: {where}")
+            logger.warning("quantize: tolerance missed; first diverging tensor: %s", where)
         return keep_float
+
+    def guard_tolerance(self) -> Tolerance:
+        """What the guard holds the outputs to: the declared tolerance, its cosine raised to
+        ``tolerance=`` where given; top-1 agreement only where ``check_top1``."""
+        return Tolerance(self.tolerance.max_rel_err,
+                         self.guard_cosine if self.guard_cosine is not None else self.tolerance.min_cosine,
+                         self.tolerance.min_top1 if self.check_top1 else 0.0)
+
+    def _guard_source(self) -> str:
+        return "the verification data" if self.verification else "held-out calibration samples"
+
+    def _fallback_cost(self, float_model: ir.Model, model: ir.Model, build,
+                       feeds: list[Feeds]) -> None:
+        """What the layers the guard kept float cost in speed: the model against all layers int8,
+        and each layer alone (latency ratios in onnxruntime, as the speed guard times them)."""
+        from slimgraph.frontend import random_feeds
+
+        feed = feeds[0] if feeds else random_feeds(float_model, batch=1)
+        all_int8 = float_model.clone()
+        build(set(self.exclude), all_int8)
+        each = []
+        for layer in self.fallen:
+            one = float_model.clone()
+            build(set(self.exclude) | {layer}, one)
+            each.append(f"{layer} {latency_ratio(all_int8, one, feed, _SPEED_BUDGET_S / 3):.3f}x")
+        total = latency_ratio(all_int8, model, feed)
+        self.report.notes.append(
+            f"accuracy guard: the {len(self.fallen)} float layer(s) cost {total:.2f}x the latency "
+            f"of all layers int8 ({', '.join(each)})")
 
     def _speed_guard(self, float_model: ir.Model, model: ir.Model, feeds: list[Feeds]) -> None:
         from slimgraph.frontend import random_feeds
@@ -425,6 +519,36 @@ def _time_once(session, feed: Feeds) -> float:
     start = time.perf_counter()
     session.run(None, feed)
     return time.perf_counter() - start
+
+
+def _first_samples(feeds: list[Feeds], count: int) -> list[Feeds]:
+    """The leading feeds that hold about ``count`` samples (at least one feed)."""
+    taken, samples = [], 0
+    for feed in feeds:
+        if taken and samples >= count:
+            break
+        taken.append(feed)
+        samples += _samples([feed])
+    return taken
+
+
+def _samples(feeds: list[Feeds]) -> int:
+    return sum(int(next(iter(f.values())).shape[0]) if f else 0 for f in feeds)
+
+
+def _describe(metrics) -> str:
+    parts = []
+    for m in metrics:
+        part = f"cosine {m.cosine:.5f}, max rel err {m.max_rel_err:.3g}"
+        if m.top1_agreement is not None:
+            part += f", top-1 {m.top1_agreement:.4f}"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _describe_tolerance(tolerance: Tolerance, top1: bool) -> str:
+    text = f"cosine >= {tolerance.min_cosine:g}, max rel err <= {tolerance.max_rel_err:g}"
+    return text + (f", top-1 >= {tolerance.min_top1:g}" if top1 else "")
 
 
 def _run_all(model: ir.Model, feeds: list[Feeds]) -> list[list[np.ndarray]]:

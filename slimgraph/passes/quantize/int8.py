@@ -54,6 +54,7 @@ from slimgraph.passes.quantize.layers import (
     replace_node,
     weight_axis,
 )
+from slimgraph.passes.quantize.rounding import InputStatistics, round_layer
 
 _JOIN_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
 _PASSTHROUGH_OPS = frozenset(
@@ -174,6 +175,7 @@ class _Placement:
     folded_relus: dict[ir.Value, ir.Node]  # producer output -> the Relu that is folded away
     range_of: dict[ir.Value, str]  # quantized value -> the value whose range / params it takes
     quantized: list[ir.Value]  # in topological order
+    float_out: set[ir.Value]  # outputs of int8 nodes left float for a layer kept float
 
 
 def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str]) -> _Placement:
@@ -184,6 +186,13 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
         and constant_weight(n) is not None and is_float_activation(n.inputs[0], dtypes)
     ]
     int8_nodes = set(layers)
+    # Layers kept float read a float input: what produces it does not quantize its output for them.
+    float_layers = {n for n in graph if n.op_type in LAYER_OPS and ids[n] in keep_float}
+
+    def read_by_float_layer(value: ir.Value) -> bool:  # directly or through a Relu / ReLU6
+        return any(user in float_layers or _foldable_activation(user) and user.outputs
+                   and read_by_float_layer(user.outputs[0]) for user, _ in value.uses())
+
     int8_values: set[ir.Value] = set()  # values available in int8 (outputs of int8 nodes)
     folded: dict[ir.Value, ir.Node] = {}
     range_of: dict[ir.Value, str] = {}
@@ -191,7 +200,8 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
         if node.domain not in ("", "ai.onnx"):
             continue
         acts = [v for v in node.inputs if is_float_activation(v, dtypes)]
-        if _foldable_activation(node) and acts and acts[0].producer() in int8_nodes:
+        if (_foldable_activation(node) and acts and acts[0].producer() in int8_nodes
+                and not read_by_float_layer(node.outputs[0])):
             y = acts[0]
             if len(y.uses()) == 1 and not y.is_graph_output() and not node.outputs[0].is_graph_output():
                 folded[y] = node
@@ -210,6 +220,7 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
 
     quantized: list[ir.Value] = []
     seen: set[ir.Value] = set()
+    float_out = {v for n in int8_nodes for v in n.outputs[:1] if read_by_float_layer(v)}
 
     def want(value: ir.Value) -> None:
         if value not in seen:
@@ -225,6 +236,7 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
             for v in node.inputs:
                 if is_float_activation(v, dtypes) and v.producer() is not None and (
                     v.producer() not in int8_nodes and v not in folded_outputs(folded)
+                    or v in float_out
                 ):
                     want(v)
         if node not in int8_nodes:
@@ -233,11 +245,11 @@ def place(graph: ir.Graph, dtypes: dict[str, ir.DataType], keep_float: set[str])
         relu = folded.get(out)
         final = relu.outputs[0] if relu is not None else out
         feeds_int8 = any(user in int8_nodes for user, _ in final.uses())
-        if final.is_graph_output():
+        if final.is_graph_output() or out in float_out:
             continue
         if node.op_type not in ("Gemm", "MatMul") or feeds_int8 or relu is not None:
             want(out)
-    return _Placement(layers, int8_nodes, folded, range_of, quantized)
+    return _Placement(layers, int8_nodes, folded, range_of, quantized, float_out)
 
 
 def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
@@ -276,9 +288,16 @@ def _numpy_dtype(dtype: ir.DataType) -> type:
 def apply_static(
     model: ir.Model, dtypes: dict[str, ir.DataType], ranges: dict[str, tuple[float, float]],
     target: Int8Target, keep_float: set[str], weight_scales: str = "auto",
+    statistics: dict[str, InputStatistics] | None = None,
 ) -> Counts:
-    """Insert Q/DQ pairs and int8 weights for the static placement; returns what it did."""
+    """Insert Q/DQ pairs and int8 weights for the static placement; returns what it did.
+
+    With ``statistics`` (per layer id, see ``rounding``) weights are rounded by GPTQ and biases
+    corrected; without, weights round to nearest.
+    """
     graph = model.graph
+    ids = layer_ids(graph)
+    statistics = statistics or {}
     placement = place(graph, dtypes, keep_float)
     namer = Namer(graph)
     counts = Counts()
@@ -316,7 +335,7 @@ def apply_static(
             graph.insert_after(producer, [q, dq])
             graph.remove(relu, safe=True)
             counts.relus_folded += 1
-        elif producer in placement.int8_nodes:
+        elif producer in placement.int8_nodes and value not in placement.float_out:
             for user, index in list(value.uses()):
                 if user is not q:
                     user.replace_input_with(index, dq.outputs[0])
@@ -346,11 +365,16 @@ def apply_static(
                 whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
                 _, scales = quantize_weight(whole, 0, target.reduce_range, True,
                                             None if floor is None else floor.max(initial=0.0))
-                qmax = 63 if target.reduce_range else 127
-                q = np.clip(np.round(weight / scales[0]), -qmax, qmax).astype(np.int8)
                 scales = scales.reshape(())
             else:
-                q, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
+                _, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
+            qmax = 63 if target.reduce_range else 127
+            q, correction = round_layer(node, weight, scales, axis, qmax, statistics.get(ids[node]))
+            if correction is not None and _correct_bias(graph, namer, node, correction):
+                counts.biases_corrected += 1
+                counts.gptq += 1
+            elif correction is not None:
+                counts.gptq += 1
             wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
             if fp16_ceil(scales) is not None:
                 ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
@@ -376,6 +400,21 @@ def apply_static(
     counts.joins = len(placement.int8_nodes) - len(placement.layers)
     common.RemoveUnusedNodesPass()(model)
     return counts
+
+
+def _correct_bias(graph: ir.Graph, namer: Namer, node: ir.Node, correction: np.ndarray) -> bool:
+    """Add ``correction`` to the layer's constant 1-D float bias (a new initializer); False where
+    it has none (or a Gemm scales it by beta != 1)."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if (b is None or b.const_value is None or b.const_value.dtype != FLOAT
+            or b.const_value.numpy().shape != correction.shape):
+        return False
+    if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+        return False
+    bias = b.const_value.numpy().astype(np.float64) + correction
+    node.replace_input_with(2, add_initializer(graph, namer, f"{b.name}_corrected",
+                                               bias.astype(np.float32)))
+    return True
 
 
 BIAS_LIMIT = 2**30  # |int32 bias| at most this, leaving the accumulator headroom

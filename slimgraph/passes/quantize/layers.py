@@ -138,4 +138,6 @@ class Counts:
     qdq_pairs: int = 0
     biases: int = 0
     embeddings: int = 0
+    gptq: int = 0
+    biases_corrected: int = 0
 
