@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 MODES = ("int8", "int4", "binary")
 BLOCK_SIZES = (32, 64, 128)
 INT4_FORMATS = ("qdq", "nbits")
-CALIBRATORS = ("minmax", "percentile", "entropy")
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 ACTIVATION_TYPES = ("auto", "u8", "s8")
 INT8_TOLERANCE = Tolerance(max_rel_err=0.25, min_cosine=0.99, min_top1=0.97)
 INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
@@ -118,7 +118,7 @@ class InsertQDQPass(SlimgraphPass):
         mode: str = "int8",
         *,
         dynamic: bool = False,
-        calib: str = "percentile",
+        calib: str = "mse",
         percentile: float = 99.999,
         activations: str = "auto",
         reduce_range: bool | None = None,
