@@ -29,7 +29,8 @@ from slimgraph.passes.quantize.layers import layer_ids
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION_SAMPLES = 256
 VARIANTS = {
-    "int8 static (percentile)": "quantize:int8,speed_check=false",
+    "int8 static (mse, the default)": "quantize:int8,speed_check=false",
+    "int8 static (percentile)": "quantize:int8,calib=percentile,speed_check=false",
     "int8 static (minmax)": "quantize:int8,calib=minmax,speed_check=false",
     "int8 static (entropy)": "quantize:int8,calib=entropy,speed_check=false",
     "int8 dynamic": "quantize:int8,dynamic=true,speed_check=false",
