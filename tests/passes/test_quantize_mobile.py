@@ -174,3 +174,33 @@ def test_guard_runs_by_default_at_the_declared_tolerance():
     qpass.calibration = Calibration(_feeds(8, 0))
     qpass(ir.from_proto(proto))
     assert not any("accuracy guard" in n for n in qpass.report.notes)
+
+
+def test_export_judges_the_guard_on_the_verification_data(tmp_path):
+    """export binds its verification feeds (and top-1 for classifiers) to the int8 guard."""
+    import slimgraph
+
+    result = slimgraph.export("digits-cnn", tmp_path / "out", passes="int8")
+    (report,) = [r for r in result.manifest["passes"] if r["name"] == "quantize"]
+    (first,) = [n for n in report["notes"] if n.startswith("accuracy guard: all layers int8")]
+    assert "top-1" in first and "samples (the verification data)" in first
+    assert result.verifications[0].passed
+
+
+@pytest.mark.slow
+def test_int8_recipe_passes_its_own_verification_on_a_real_pretrained_mobile_cnn(tmp_path):
+    """EfficientNet-Lite1 with its ImageNet weights, crops of real photographs: the int8 recipe
+    with no options meets its tolerance (top-1 >= 0.97) and onnxruntime runs it as int8 kernels."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("skimage")
+    import slimgraph
+
+    result = slimgraph.export("efficientnet-lite1", tmp_path / "out", passes="int8")
+    (verification,) = result.verifications
+    (logits,) = verification.outputs
+    assert verification.passed and logits.top1_agreement >= 0.97 and logits.cosine >= 0.99
+    optimized = tmp_path / "optimized.onnx"
+    _session(onnx.load(result.out / "model.onnx"), str(optimized))
+    ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    convs = ops["QLinearConv"] + ops["Conv"] + ops["FusedConv"]
+    assert convs == 64 and ops["QLinearConv"] >= 60 and ops["QLinearAdd"] == 14
