@@ -90,3 +90,24 @@ def test_bias_correction_is_the_mean_output_shift_of_the_rounding():
     # Cached: a second call with the same scales returns the same rounding.
     again, _ = round_layer(node, w, scales, 0, 127, stats)
     assert again is q
+
+
+def test_blocked_updates_round_exactly_as_column_by_column(monkeypatch):
+    from slimgraph.passes.quantize import rounding
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((2, 8, 300))
+    scales = np.abs(w).max(axis=-1) / 127
+    x = _correlated_inputs(2000, 300)
+    hessian = np.stack([x.T @ x / len(x)] * 2)
+    blocked = gptq(w, scales, hessian, 127)
+    monkeypatch.setattr(rounding, "BLOCK", 10**6)
+    np.testing.assert_array_equal(blocked, gptq(w, scales, hessian, 127))
+
+
+def test_large_positive_definite_inverse_matches_numpy():
+    from slimgraph.passes.quantize.rounding import _spd_inverse
+
+    x = _correlated_inputs(3000, 300)
+    h = np.stack([x.T @ x / len(x) + 0.01 * np.eye(300)] * 2)
+    np.testing.assert_allclose(_spd_inverse(h), np.linalg.inv(h), rtol=1e-6, atol=1e-8)

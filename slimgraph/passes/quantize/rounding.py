@@ -35,6 +35,7 @@ from slimgraph.passes.quantize.layers import layer_ids
 
 SAMPLE_ROWS = 2048
 DAMPING = 0.01
+BLOCK = 128  # columns rounded between two matrix-multiply updates of the rest (GPTQ's lazy batch)
 ROUNDINGS = ("gptq", "nearest")
 
 
@@ -177,18 +178,43 @@ def gptq(rows: np.ndarray, scales: np.ndarray, hessian: np.ndarray, qmax: int) -
     damp = DAMPING * np.einsum("gkk->gk", h).mean(axis=1)
     h += damp[:, None, None] * np.eye(h.shape[-1])[None]
     try:
-        upper = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)  # U^T U = H^-1
+        upper = np.swapaxes(np.linalg.cholesky(_spd_inverse(h)), 1, 2)  # U^T U = H^-1
     except np.linalg.LinAlgError:
         return None
     q = np.empty_like(w)
-    for j in range(w.shape[-1]):
-        column = w[:, :, j]
-        q[:, :, j] = np.clip(np.round(column / s[:, :, 0]), -qmax, qmax)
-        err = (column - q[:, :, j] * s[:, :, 0]) / upper[:, j, j][:, None]
-        w[:, :, j + 1:] -= err[:, :, None] * upper[:, None, j, j + 1:]
+    k = w.shape[-1]
+    for start in range(0, k, BLOCK):  # lazy batch updates: rank-1 inside a block, one matmul after
+        end = min(start + BLOCK, k)
+        block = w[:, :, start:end].copy()
+        errors = np.empty_like(block)
+        for j in range(end - start):
+            column = block[:, :, j]
+            q[:, :, start + j] = np.clip(np.round(column / s[:, :, 0]), -qmax, qmax)
+            err = (column - q[:, :, start + j] * s[:, :, 0]) / upper[:, start + j, start + j][:, None]
+            block[:, :, j + 1:] -= err[:, :, None] * upper[:, None, start + j, start + j + 1:end]
+            errors[:, :, j] = err
+        if end < k:
+            w[:, :, end:] -= np.matmul(errors, upper[:, start:end, end:])
     if not np.isfinite(q).all():
         return None
     return q
+
+
+def _spd_inverse(h: np.ndarray) -> np.ndarray:
+    """Inverses of symmetric positive definite [G, K, K] matrices, through their Cholesky factors
+    (LAPACK potrf + potri, a third of a general inverse's work) where K is large."""
+    if h.shape[-1] < 256:
+        return np.linalg.inv(h)
+    from scipy.linalg import lapack
+
+    out = np.empty_like(h)
+    for g in range(h.shape[0]):
+        factor, info = lapack.dpotrf(h[g], lower=True)
+        inverse, info2 = lapack.dpotri(factor, lower=True) if info == 0 else (None, info)
+        if info2 != 0:
+            raise np.linalg.LinAlgError(f"not positive definite (LAPACK info {info2})")
+        out[g] = np.tril(inverse) + np.tril(inverse, -1).T
+    return out
 
 
 def round_layer(node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int, qmax: int,
