@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slimgraph {slimgraph.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model_help = "an .onnx file, package.module:callable returning a torch module, or a built-in"
+    model_help = ("an .onnx file, a Hugging Face model folder, package.module:callable returning a "
+                  "torch module, or a built-in")
     exp = sub.add_parser("export", help="export MODEL to a verified artifact directory",
                          formatter_class=fmt)
     exp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--train", metavar="FILE.npz",
                      help="training inputs (+ optional `labels`) for heal passes; default: the "
                           "model's own training data, else the calibration set")
+    _add_folder_flags(exp)
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.add_argument("--allow-mismatch", action="store_true",
                      help="keep the artifact even if verification exceeds the tolerance")
@@ -87,6 +89,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
+    """Options of a Hugging Face model folder: the task and text files (one text per line)."""
+    from slimgraph.frontend.hf_folder import TASKS
+
+    parser.add_argument("--task", choices=TASKS,
+                        help="a model folder's task (default: from its config / modules.json)")
+    parser.add_argument("--calib-text", metavar="FILE.txt",
+                        help="a model folder's calibration texts, tokenised by its tokenizer")
+    parser.add_argument("--eval-text", metavar="FILE.txt",
+                        help="a model folder's verification texts")
+    parser.add_argument("--train-text", metavar="FILE.txt", help="a model folder's texts for heal")
+
+
+def _texts(args: argparse.Namespace):
+    from slimgraph.frontend import TextData
+
+    return TextData(args.calib_text, args.eval_text, args.train_text)
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -129,7 +150,8 @@ def _export(args: argparse.Namespace) -> int:
             args.model, args.out, passes=passes, backends=args.backend or ["ort-cpu"],
             calibration=args.calib, inputs=_inputs(args.input), force=args.force,
             allow_mismatch=args.allow_mismatch, build_only=args.build_only, train=args.train,
-            on_stage=on_stage, on_progress=lambda text: status.update(f"[bold]{text}[/]"),
+            task=args.task, texts=_texts(args), on_stage=on_stage,
+            on_progress=lambda text: status.update(f"[bold]{text}[/]"),
         )
     if result.rank:  # a torchrun rank other than 0: it trained, rank 0 writes
         return 0

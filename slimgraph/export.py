@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from slimgraph.artifact import MANIFEST, file_hashes, staged_dir, write_json
 from slimgraph.backends import BuiltArtifact, parse_backend_spec
 from slimgraph.backends.ort import MODEL_FILE
 from slimgraph.errors import SlimgraphError, VerificationError
-from slimgraph.frontend import LoadedModel, load
+from slimgraph.frontend import LoadedModel, TextData, load
 from slimgraph.passes import Pipeline
 from slimgraph.report_md import render_report
 from slimgraph.verify import VerificationResult, verify
@@ -71,6 +72,8 @@ def export(
     allow_mismatch: bool = False,
     build_only: bool = False,
     train: str | Path | None = None,
+    task: str | None = None,
+    texts: TextData | None = None,
     on_stage: StageCallback | None = None,
     on_progress: StageCallback | None = None,
 ) -> ExportResult:
@@ -81,6 +84,8 @@ def export(
     GPU) be built; its manifest entry then says it is unverified, and why. ``train`` is an .npz
     of training inputs (+ ``labels``) for ``heal`` passes (default: the model's own training data).
     ``on_progress`` receives transient progress lines (heal's steps) where ``on_stage`` gets stages.
+    ``task`` and ``texts`` (TextData: calibration, evaluation, training text files) apply to a
+    Hugging Face model folder.
     """
     stage = on_stage or (lambda _name: None)
     timings: dict[str, float] = {}
@@ -105,7 +110,7 @@ def export(
     t = time.perf_counter()
     stage("load")
     loaded = model if isinstance(model, LoadedModel) else load(
-        model, inputs=inputs, calibration=calibration
+        model, inputs=inputs, calibration=calibration, task=task, texts=texts
     )
     timings["load"] = time.perf_counter() - t
     # Passes work in place; a clone keeps a caller's LoadedModel reusable (bench runs many variants
@@ -148,6 +153,9 @@ def export(
         from slimgraph.frontend.onnx_file import save_onnx
 
         save_onnx(ir_model, root / MODEL_FILE)
+        for source_file, name in loaded.assets:  # a model folder's tokenizer and config
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_file, root / name)
         for backend, options in built_specs:
             t = time.perf_counter()
             stage(f"build {backend.name}")
@@ -193,6 +201,8 @@ def export(
             "backends": backend_entries,
             "versions": package_versions(),
         }
+        if loaded.assets:  # what turns text into the inputs: shipped beside model.onnx
+            manifest["assets"] = [name for _, name in loaded.assets]
         hashes = file_hashes(root)
         for entry in backend_entries.values():
             entry["files"] = {f: hashes[f] for f in [MODEL_FILE, *entry["files"]]}

@@ -44,6 +44,7 @@ class LoadedModel:
     module: Any = None  # the torch.nn.Module, when the source is torch (bench's torch peers)
     input_names: list[str] = dataclasses.field(default_factory=list)
     training: Any = None  # () -> builtin.TrainSplit: the built-in's training data, for heal
+    assets: list[tuple[Path, str]] = dataclasses.field(default_factory=list)  # (file, name) to ship
 
 
 def parse_input_spec(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -59,18 +60,26 @@ def load(
     *,
     inputs: InputShapes | None = None,
     calibration: Any = None,
+    task: str | None = None,
+    texts: TextData | None = None,
 ) -> LoadedModel:
-    """Load MODEL: an ``.onnx`` path, ``package.module:callable``, a built-in name or an nn.Module.
+    """Load MODEL: an ``.onnx`` path, a Hugging Face model folder, ``package.module:callable``,
+    a built-in name or an nn.Module.
 
     ``inputs`` gives input shapes (required for a module without example inputs); ``calibration``
-    is anything :meth:`Calibration.coerce` accepts and also serves as verification input.
+    is anything :meth:`Calibration.coerce` accepts and also serves as verification input. ``task``
+    and ``texts`` (calibration, evaluation and training texts) apply to a model folder.
     """
     calib = Calibration.coerce(calibration)
     inputs = dict(inputs or {})
+    text = str(model) if isinstance(model, (str, Path)) else ""
+    if (task is not None or (texts and texts.given())) and not Path(text).is_dir():
+        raise InputSpecError("--task and the --*-text options apply to a Hugging Face model folder")
     if not isinstance(model, (str, Path)):
         return _load_torch(model, None, inputs, calib, {"kind": "torch", "name": type(model).__name__})
-    text = str(model)
     path = Path(text)
+    if path.is_dir():
+        return _load_folder(path, inputs, calib, task, texts or TextData())
     if path.suffix.lower() in (".onnx", *CHECKPOINT_SUFFIXES) or path.exists():
         # load_onnx refuses checkpoints (by suffix and content) without unpickling them
         return _load_onnx_file(path, inputs, calib)
@@ -165,6 +174,41 @@ def _example_feeds(names: list[str], example: tuple) -> list[Feeds]:
             else a for n, a in first.items()
         })
     return feeds
+
+
+@dataclasses.dataclass
+class TextData:
+    """Text files (one text per line) for a model folder: calibration, verification, healing."""
+
+    calibration: str | Path | None = None
+    evaluation: str | Path | None = None
+    training: str | Path | None = None
+
+    def given(self) -> bool:
+        return any(x is not None for x in (self.calibration, self.evaluation, self.training))
+
+    def read(self) -> dict[str, list[str] | None]:
+        from slimgraph.frontend.text import read_texts
+
+        return {f"{what}_texts": None if path is None else read_texts(path, what)
+                for what, path in (("calibration", self.calibration),
+                                   ("evaluation", self.evaluation), ("training", self.training))}
+
+
+def _load_folder(path: Path, inputs: dict, calib: Calibration | None, task: str | None,
+                 texts: TextData) -> LoadedModel:
+    from slimgraph.frontend import hf_folder
+
+    read = texts.read()  # an empty or unreadable text file stops before the model loads
+    config = hf_folder.read_config(path)
+    hf_folder.check_weights(path)
+    task = hf_folder.detect_task(path, config, task)
+    builtin = hf_folder.build(path, task=task, **read)
+    loaded = _load_builtin(builtin, inputs, calib)
+    loaded.source = {"kind": "hf-folder", "name": str(path), "task": task,
+                     "sha256": loaded.source["sha256"]}
+    loaded.assets = [(path / f, f.as_posix()) for f in hf_folder.tokenizer_files(path)]
+    return loaded
 
 
 def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedModel:
