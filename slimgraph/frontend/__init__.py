@@ -217,7 +217,8 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
     if inputs:
         _check_builtin_inputs(builtin, inputs)
     model = export_module(builtin.module, builtin.example_inputs, builtin.input_names,
-                          builtin.output_names, label=builtin.name)
+                          builtin.output_names, max_sequence=builtin.max_sequence,
+                          label=builtin.name)
     evaluation = builtin.evaluation()
     feeds, samples = [], 0
     for feed in evaluation.feeds:

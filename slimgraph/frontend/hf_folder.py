@@ -8,8 +8,9 @@ otherwise ``architectures`` in config.json: ``*ForSequenceClassification`` -> te
 (logits [N, L, labels]), ``*ForMaskedLM`` -> fill-mask (logits [N, L, vocab]), a bare ``*Model``
 -> feature-extraction (last_hidden_state). ``task=`` overrides.
 
-Inputs are ``input_ids`` and ``attention_mask`` from the folder's own tokenizer, padded to
-``MAX_LENGTH`` tokens; the batch axis is dynamic. Only safetensors weights are read: a folder with
+Inputs are ``input_ids`` and ``attention_mask`` from the folder's own tokenizer; the batch and
+sequence axes are dynamic (up to ``max_position_embeddings``). Calibration and verification texts
+are padded to ``MAX_LENGTH`` tokens. Only safetensors weights are read: a folder with
 only pickled weights (``pytorch_model.bin``) is refused, nothing is unpickled. Texts for
 calibration and verification default to ``text.EVERYDAY_SENTENCES``; healing trains on the Python
 documentation sentences unless given its own.
@@ -183,6 +184,7 @@ def tokenizer_files(folder: Path) -> list[Path]:
 
 
 def build(folder: str | Path, *, name: str | None = None, task: str | None = None,
+          dynamic_sequence: bool = True,
           calibration_texts: Sequence[str] | None = None,
           evaluation_texts: Sequence[str] | None = None,
           training_texts: Sequence[str] | None = None) -> BuiltinModel:
@@ -241,7 +243,7 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
                                                                    if pooled else "")
     return BuiltinModel(
         name=label,
-        description=f"Hugging Face folder {folder}: {what}; inputs padded to {MAX_LENGTH} tokens",
+        description=f"Hugging Face folder {folder}: {what}; data padded to {MAX_LENGTH} tokens",
         module=module,
         example_inputs=tuple(torch.from_numpy(v.copy())
                              for v in tokenise((calib_texts * 2)[:2]).values()),
@@ -251,4 +253,5 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
         evaluation=evaluation,
         task=kind,
         training=training,
+        max_sequence=config.get("max_position_embeddings", 512) if dynamic_sequence else None,
     )

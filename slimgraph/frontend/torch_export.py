@@ -26,9 +26,11 @@ def export_module(
     output_names: Sequence[str] | None = None,
     *,
     dynamic_batch: bool = True,
+    max_sequence: int | None = None,
     label: str = "module",
 ) -> ir.Model:
-    """Trace ``module`` to an IR model whose dim 0 of every input is a symbolic ``batch``.
+    """Trace ``module`` to an IR model whose dim 0 of every input is a symbolic ``batch`` (and,
+    with ``max_sequence``, dim 1 of every input of rank >= 2 a symbolic ``sequence`` up to it).
 
     Value names are made collision-free (an output named like an internal value gives a model
     with a duplicate definition that onnxruntime refuses), and the graph is checked to reproduce
@@ -46,6 +48,10 @@ def export_module(
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+    if dynamic_batch and max_sequence:
+        sequence = torch.export.Dim("sequence", min=2, max=max_sequence)
+        dynamic_shapes = tuple({0: batch, 1: sequence} if t.dim() > 1 else d
+                               for t, d in zip(example_inputs, dynamic_shapes, strict=True))
     try:
         with _quiet_exporter():
             program = torch.onnx.export(

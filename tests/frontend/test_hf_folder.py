@@ -21,9 +21,9 @@ SENTENCES = ["A cat sleeps on the warm windowsill.", "The train leaves at seven.
              "Compilers turn source code into machine code.", "It rained all day in the valley."]
 
 
-def _tokens(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
+def _tokens(folder: Path, texts: list[str], padding: str = "max_length") -> dict[str, np.ndarray]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=64, return_tensors="np")
+    encoded = tokenizer(texts, padding=padding, truncation=True, max_length=64, return_tensors="np")
     return {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
 
@@ -43,7 +43,8 @@ def small_folders(tmp_path_factory) -> dict[str, Path]:
                                      intermediate_size=64, max_position_embeddings=128, num_labels=3)
     folders = {}
     for task, cls in (("text-classification", transformers.BertForSequenceClassification),
-                      ("token-classification", transformers.BertForTokenClassification)):
+                      ("token-classification", transformers.BertForTokenClassification),
+                      ("fill-mask", transformers.BertForMaskedLM)):
         torch.manual_seed(0)
         folder = root / task
         cls(config).eval().save_pretrained(folder, safe_serialization=True)
@@ -59,13 +60,15 @@ def test_minilm_folder_by_path_equals_the_builtin_and_transformers(tmp_path):
     feed = _tokens(MINILM, SENTENCES)
     by_path, builtin = _onnx(tmp_path / "folder", feed), _onnx(tmp_path / "builtin", feed)
     np.testing.assert_allclose(by_path, builtin, atol=1e-5, rtol=0)
-    # transformers' own forward, pooled and normalised as sentence-transformers does
+    # transformers' own forward, pooled and normalised as sentence-transformers does, at the
+    # built-in's 64 tokens and at the batch's own length (the folder's sequence axis is dynamic)
     model = transformers.AutoModel.from_pretrained(MINILM, local_files_only=True)
-    with torch.no_grad():
-        states = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state
-    mask = torch.from_numpy(feed["attention_mask"]).unsqueeze(-1).float()
-    pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=1).numpy()
-    np.testing.assert_allclose(by_path, pooled, atol=1e-5, rtol=0)
+    for tokens in (feed, _tokens(MINILM, SENTENCES, "longest")):
+        with torch.no_grad():
+            states = model(**{k: torch.from_numpy(v) for k, v in tokens.items()}).last_hidden_state
+        mask = torch.from_numpy(tokens["attention_mask"]).unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=1).numpy()
+        np.testing.assert_allclose(_onnx(tmp_path / "folder", tokens), pooled, atol=1e-5, rtol=0)
 
     manifest = json.loads((tmp_path / "folder" / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "hf-folder"
@@ -80,7 +83,7 @@ def test_minilm_folder_by_path_equals_the_builtin_and_transformers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["text-classification", "token-classification"])
+@pytest.mark.parametrize("task", ["text-classification", "token-classification", "fill-mask"])
 def test_classification_folders_export_verify_and_quantize_from_text(small_folders, task, tmp_path):
     folder = small_folders[task]
     calib = tmp_path / "calib.txt"
@@ -89,15 +92,20 @@ def test_classification_folders_export_verify_and_quantize_from_text(small_folde
     assert main(["export", str(folder), "-o", str(out), "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["task"] == task
-    feed = _tokens(folder, SENTENCES)
     cls = {"text-classification": transformers.AutoModelForSequenceClassification,
-           "token-classification": transformers.AutoModelForTokenClassification}[task]
+           "token-classification": transformers.AutoModelForTokenClassification,
+           "fill-mask": transformers.AutoModelForMaskedLM}[task]
     model = cls.from_pretrained(folder, local_files_only=True)
-    with torch.no_grad():
-        want = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-    got = _onnx(out, feed)
-    assert got.shape == want.shape == ((4, 3) if task == "text-classification" else (4, 64, 3))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    width = {"text-classification": 3, "token-classification": 3, "fill-mask": model.config.vocab_size}
+    for padding in ("max_length", "longest"):  # the sequence axis is dynamic
+        feed = _tokens(folder, SENTENCES, padding)
+        with torch.no_grad():
+            want = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        got = _onnx(out, feed)
+        length = feed["input_ids"].shape[1]
+        assert got.shape == want.shape == ((4, width[task]) if task == "text-classification"
+                                           else (4, length, width[task]))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
     int8 = tmp_path / "int8"
     assert main(["export", str(folder), "-o", str(int8), "--passes", "int8-dynamic",

@@ -55,6 +55,7 @@ class BuiltinModel:
     evaluation: Callable[[], EvalData]
     task: str  # "classification" (top-1 is meaningful), "embedding" or "regression"
     training: Callable[[], TrainSplit] | None = None  # what heal trains on
+    max_sequence: int | None = None  # set: dim 1 of the inputs is dynamic up to this length
 
 
 def _factory(module_name: str, function: str = "build") -> Callable[[], BuiltinModel]:

