@@ -145,6 +145,13 @@ def bench_model(label: str, model, calibration: Calibration, evaluation: list[di
     }
 
 
+def profile_rows(kernel_us_per_run: dict) -> list[str]:
+    """Markdown rows ``| batch | variant | total | by op type |`` of profiler microseconds."""
+    return [f"| {batch} | {k} | {sum(ops.values()):.0f} | "
+            + ", ".join(f"{op} {us:.0f}" for op, us in ops.items()) + " |"
+            for batch, variants in kernel_us_per_run.items() for k, ops in variants.items()]
+
+
 def _markdown(results: dict) -> str:
     lines = [
         "# Static int8 on CNNs: slimgraph vs onnxruntime quantize_static",
@@ -169,10 +176,7 @@ def _markdown(results: dict) -> str:
         lines += ["Where the time goes: onnxruntime's profiler, microseconds per run in each op "
                   "type's kernels (summed; the rest of a run is dispatch between them).", "",
                   "| batch | variant | total | by op type |", "|---|---|---|---|"]
-        for batch, variants in r["kernel_us_per_run"].items():
-            for k, ops in variants.items():
-                lines.append(f"| {batch} | {k} | {sum(ops.values()):.0f} | "
-                             + ", ".join(f"{op} {us:.0f}" for op, us in ops.items()) + " |")
+        lines += profile_rows(r["kernel_us_per_run"])
         conv = {b: v["slimgraph int8"].get("QLinearConv", 0.0) / v["fp32"]["Conv"]
                 for b, v in r["kernel_us_per_run"].items()}
         lines += ["", "The int8 convolution kernels alone take "

@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from quantize_cnn import THREADS, _latencies, _Reader, _session
+from quantize_cnn import THREADS, _latencies, _Reader, _session, profile_rows
 
 import slimgraph
 from slimgraph.backends.ort import kernel_time_by_op
@@ -162,11 +162,8 @@ def _markdown(results: dict) -> str:
         "Where the time goes: onnxruntime's profiler, microseconds per run in each op type's "
         "kernels.", "",
         "| batch | variant | total | by op type |", "|---|---|---|---|",
+        *profile_rows(r["kernel_us_per_run"]),
     ]
-    for batch, variants in r["kernel_us_per_run"].items():
-        for k, ops in variants.items():
-            lines.append(f"| {batch} | {k} | {sum(ops.values()):.0f} | "
-                         + ", ".join(f"{op} {us:.0f}" for op, us in ops.items()) + " |")
     return "\n".join(lines) + "\n"
 
 
