@@ -222,15 +222,14 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
     def training() -> TrainSplit:
         """``training_texts``, else the Python documentation sentences split by hash into
         disjoint training and held-out sets; heal distils the float model on them."""
-        from slimgraph.frontend.text import documentation_sentences, split_sentences
+        from slimgraph.frontend.text import documentation_sentences, documentation_source, split_sentences
 
         if training_texts is not None:
             train, held = split_sentences(training_texts)
             source = f"{len(train)} given training texts"
         else:
             train, held = split_sentences(documentation_sentences())
-            source = (f"{len(train)} English sentences of the Python documentation and "
-                      "standard-library docstrings")
+            source = f"{len(train)} {documentation_source()}"
         held = held[:: max(1, len(held) // HEAL_HELD_OUT)][:HEAL_HELD_OUT]
         return TrainSplit(tokenise(train), None, source,
                           held_out=[tokenise(held[i:i + EVAL_BATCH * 4])
