@@ -370,11 +370,9 @@ def apply_static(
                 _, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
             qmax = 63 if target.reduce_range else 127
             q, correction = round_layer(node, weight, scales, axis, qmax, statistics.get(ids[node]))
-            if correction is not None and _correct_bias(graph, namer, node, correction):
-                counts.biases_corrected += 1
+            if correction is not None:
                 counts.gptq += 1
-            elif correction is not None:
-                counts.gptq += 1
+                counts.biases_corrected += _correct_bias(graph, namer, node, correction)
             wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
             if fp16_ceil(scales) is not None:
                 ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
@@ -402,12 +400,19 @@ def apply_static(
     return counts
 
 
+def _float_bias(node: ir.Node) -> ir.Value | None:
+    """The layer's bias (input 2) where it is a float constant, else None."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if b is None or b.const_value is None or b.const_value.dtype != FLOAT:
+        return None
+    return b
+
+
 def _correct_bias(graph: ir.Graph, namer: Namer, node: ir.Node, correction: np.ndarray) -> bool:
     """Add ``correction`` to the layer's constant 1-D float bias (a new initializer); False where
     it has none (or a Gemm scales it by beta != 1)."""
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    if (b is None or b.const_value is None or b.const_value.dtype != FLOAT
-            or b.const_value.numpy().shape != correction.shape):
+    b = _float_bias(node)
+    if b is None or b.const_value.numpy().shape != correction.shape:
         return False
     if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
         return False
@@ -429,9 +434,8 @@ def bias_scale_floor(node: ir.Node, x_scale: ir.Value | None) -> np.ndarray | No
     QGemm. Raising such a channel's scale to ``|b_c| / (s_x * BIAS_LIMIT)`` costs nothing: its
     weights round to 0 either way, as they nearly are.
     """
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    if (b is None or b.const_value is None or x_scale is None or x_scale.const_value is None
-            or b.const_value.dtype != FLOAT):
+    b = _float_bias(node)
+    if b is None or x_scale is None or x_scale.const_value is None:
         return None
     s_x = float(x_scale.const_value.numpy().reshape(-1)[0])
     bias = np.abs(b.const_value.numpy().astype(np.float64)).reshape(-1)
@@ -447,8 +451,8 @@ def _quantize_bias(
     The bias scale is not stored: a Mul of the two scale initializers computes it (in float32,
     as here) and onnxruntime folds it at load. Integer biases that fit int16 are stored so.
     """
-    b = node.inputs[2]
-    if b is None or b.const_value is None or b.const_value.dtype != FLOAT:
+    b = _float_bias(node)
+    if b is None:
         return 0
     if node.op_type == "Gemm" and (
         node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from slimgraph.calibration import Feeds
 from slimgraph.passes.quantize.calibrate import inputs_of, probe_session
-from slimgraph.passes.quantize.layers import layer_ids
+from slimgraph.passes.quantize.layers import layer_ids, weight_axis
 
 SAMPLE_ROWS = 2048
 DAMPING = 0.01
@@ -147,21 +147,14 @@ def layer_statistics(model: ir.Model, layers: Sequence[str], feeds: Sequence[Fee
 
 def as_rows(weight: np.ndarray, node: ir.Node) -> np.ndarray:
     """The weight as [G, M/G, K]: output channels by group, each a row over the input vector."""
-    if node.op_type == "Conv":
-        group = node.attributes.get_int("group", 1)
-        return weight.reshape(group, weight.shape[0] // group, -1)
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return weight[None]
-    return weight.T[None]
+    group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+    rows = weight if weight_axis(node) == 0 else weight.T
+    return rows.reshape(group, rows.shape[0] // group, -1)
 
 
 def from_rows(rows: np.ndarray, weight: np.ndarray, node: ir.Node) -> np.ndarray:
     """Inverse of ``as_rows``."""
-    if node.op_type == "Conv":
-        return rows.reshape(weight.shape)
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return rows[0]
-    return rows[0].T
+    return rows.reshape(weight.shape) if weight_axis(node) == 0 else rows[0].T
 
 
 def gptq(rows: np.ndarray, scales: np.ndarray, hessian: np.ndarray, qmax: int) -> np.ndarray | None:
@@ -171,10 +164,8 @@ def gptq(rows: np.ndarray, scales: np.ndarray, hessian: np.ndarray, qmax: int) -
     w = rows.astype(np.float64).copy()
     s = scales.astype(np.float64)[:, :, None]
     h = hessian.copy()
-    diag = np.einsum("gkk->gk", h)
-    dead = diag <= 0
-    for g, k in zip(*np.nonzero(dead), strict=True):
-        h[g, k, k] = 1.0
+    groups, dead = np.nonzero(np.einsum("gkk->gk", h) <= 0)
+    h[groups, dead, dead] = 1.0
     damp = DAMPING * np.einsum("gkk->gk", h).mean(axis=1)
     h += damp[:, None, None] * np.eye(h.shape[-1])[None]
     try:
@@ -227,24 +218,27 @@ def round_layer(node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int
     shape = [1] * weight.ndim
     shape[axis] = -1
     per_channel = np.broadcast_to(scales.reshape(shape) if scales.ndim else scales, weight.shape)
-    nearest = np.clip(np.round(weight / per_channel.astype(np.float64)), -qmax, qmax)
     if stats is None:
-        return nearest.astype(np.int8), None
+        return _nearest(weight, per_channel, qmax).astype(np.int8), None
     key = (scales.tobytes(), qmax)
-    if key not in stats.rounded:
-        stats.rounded[key] = _round_with(node, weight, per_channel, nearest, qmax, stats)
+    if key not in stats.rounded:  # the guard rebuilds the model many times: round each layer once
+        stats.rounded[key] = _round_with(node, weight, per_channel, qmax, stats)
     return stats.rounded[key]
 
 
-def _round_with(node: ir.Node, weight: np.ndarray, per_channel: np.ndarray, nearest: np.ndarray,
-                qmax: int, stats: InputStatistics) -> tuple[np.ndarray, np.ndarray | None]:
+def _nearest(weight: np.ndarray, per_channel: np.ndarray, qmax: int) -> np.ndarray:
+    return np.clip(np.round(weight / per_channel.astype(np.float64)), -qmax, qmax)
+
+
+def _round_with(node: ir.Node, weight: np.ndarray, per_channel: np.ndarray, qmax: int,
+                stats: InputStatistics) -> tuple[np.ndarray, np.ndarray | None]:
     rows = as_rows(weight, node)
     row_scales = as_rows(per_channel, node)[:, :, 0]
     if rows.shape[:1] + rows.shape[2:] != stats.mean.shape:
-        return nearest.astype(np.int8), None
+        return _nearest(weight, per_channel, qmax).astype(np.int8), None
     q = gptq(rows, row_scales, stats.hessian, qmax)
     if q is None:
-        q = as_rows(nearest, node)
+        q = as_rows(_nearest(weight, per_channel, qmax), node)
     error = rows.astype(np.float64) - q * row_scales[:, :, None]
     correction = np.einsum("gmk,gk->gm", error, stats.mean).reshape(-1)
     return from_rows(q, weight, node).astype(np.int8), correction
