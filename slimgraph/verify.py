@@ -108,7 +108,7 @@ def verify(
             raise ValueError(f"{backend}: {len(g)} outputs but the reference has {len(r)}")
     metrics = compare_outputs(output_names, ref, got)
     failures = check_metrics(metrics, tolerance, check_top1)
-    samples = sum(_batch_size(f) for f in feeds)
+    samples = sum(batch_size(f) for f in feeds)
     return VerificationResult(backend, not failures, samples, tolerance, metrics, failures)
 
 
@@ -134,6 +134,7 @@ def check_metrics(metrics: Sequence[OutputMetrics], tolerance: Tolerance,
     return failures
 
 
-def _batch_size(feed: Feeds) -> int:
+def batch_size(feed: Feeds) -> int:
+    """Samples in a feed: axis 0 of its first array (1 for a scalar)."""
     first = next(iter(feed.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim > 0 else 1

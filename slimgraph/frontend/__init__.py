@@ -200,12 +200,9 @@ def _load_folder(path: Path, inputs: dict, calib: Calibration | None, task: str 
     from slimgraph.frontend import hf_folder
 
     read = texts.read()  # an empty or unreadable text file stops before the model loads
-    config = hf_folder.read_config(path)
-    hf_folder.check_weights(path)
-    task = hf_folder.detect_task(path, config, task)
     builtin = hf_folder.build(path, task=task, **read)
     loaded = _load_builtin(builtin, inputs, calib)
-    loaded.source = {"kind": "hf-folder", "name": str(path), "task": task,
+    loaded.source = {"kind": "hf-folder", "name": str(path), "task": builtin.folder_task,
                      "sha256": loaded.source["sha256"]}
     loaded.assets = [(path / f, f.as_posix()) for f in hf_folder.tokenizer_files(path)]
     return loaded

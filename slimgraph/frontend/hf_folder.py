@@ -253,4 +253,5 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
         task=kind,
         training=training,
         max_sequence=config.get("max_position_embeddings", 512) if dynamic_sequence else None,
+        folder_task=task,
     )

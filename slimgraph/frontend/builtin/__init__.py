@@ -56,6 +56,7 @@ class BuiltinModel:
     task: str  # "classification" (top-1 is meaningful), "embedding" or "regression"
     training: Callable[[], TrainSplit] | None = None  # what heal trains on
     max_sequence: int | None = None  # set: dim 1 of the inputs is dynamic up to this length
+    folder_task: str | None = None  # a Hugging Face folder's task (hf_folder.TASKS)
 
 
 def _factory(module_name: str, function: str = "build") -> Callable[[], BuiltinModel]:

@@ -372,16 +372,17 @@ class InsertQDQPass(SlimgraphPass):
         rank_data = _first_samples(data, GUARD_RANK_SAMPLES)
         rank_reference = reference[: len(rank_data)]
 
-        def failures(keep: set[str]) -> tuple[list[str], list]:
+        def built(keep: set[str]) -> ir.Model:
             candidate = model.clone()
             build(keep, candidate)
-            metrics = compare_outputs(names, reference, _run_all(candidate, data))
+            return candidate
+
+        def failures(keep: set[str]) -> tuple[list[str], list]:
+            metrics = compare_outputs(names, reference, _run_all(built(keep), data))
             return check_metrics(metrics, target, self.check_top1), metrics
 
         def rank_cosine(keep: set[str]) -> float:
-            candidate = model.clone()
-            build(keep, candidate)
-            return _min_cosine(rank_reference, _run_all(candidate, rank_data))
+            return _min_cosine(rank_reference, _run_all(built(keep), rank_data))
 
         missed, metrics = failures(keep_float)
         self.report.notes.append(f"accuracy guard: all layers int8 -> {_describe(metrics)} "
@@ -424,9 +425,7 @@ class InsertQDQPass(SlimgraphPass):
         )
         keep_float = keep_float | set(fallen)
         if missed:
-            candidate = model.clone()
-            build(keep_float, candidate)
-            cosines = tensor_cosines(model, candidate, data[:4], dtypes)
+            cosines = tensor_cosines(model, built(keep_float), data[:4], dtypes)
             first = next((d for d in cosines if d.cosine < target.min_cosine), None)
             lowest = min(cosines, key=lambda d: d.cosine, default=None)
             where = (first.describe() if first else "none below the cosine tolerance"
@@ -533,7 +532,9 @@ def _first_samples(feeds: list[Feeds], count: int) -> list[Feeds]:
 
 
 def _samples(feeds: list[Feeds]) -> int:
-    return sum(int(next(iter(f.values())).shape[0]) if f else 0 for f in feeds)
+    from slimgraph.verify import batch_size
+
+    return sum(batch_size(f) for f in feeds)
 
 
 def _describe(metrics) -> str:
