@@ -145,6 +145,24 @@ def bench_model(label: str, model, calibration: Calibration, evaluation: list[di
     }
 
 
+def run_facts(rounds: int) -> dict:
+    """What every int8 CNN result records about its run: machine, int8 target, rounds, versions."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "int8_target": int8_target(cpu_flags()).describe(),
+        "rounds": rounds,
+        "versions": package_versions(),
+    }
+
+
+def write_results(out: Path, name: str, results: dict, markdown: str) -> None:
+    """``out/NAME.json`` and ``out/NAME.md``, and the Markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def profile_rows(kernel_us_per_run: dict) -> list[str]:
     """Markdown rows ``| batch | variant | total | by op type |`` of profiler microseconds."""
     return [f"| {batch} | {k} | {sum(ops.values()):.0f} | "
@@ -196,13 +214,7 @@ def main() -> None:
         {"image": x[None]} for x in resnet_tiny.synthetic_images(CALIBRATION_SAMPLES, 1)
     )
     evaluation = [{"image": b} for b in np.split(resnet_tiny.synthetic_images(256, 2), 4)]
-    results: dict = {
-        "cpu": platform.processor() or platform.machine(),
-        "int8_target": int8_target(cpu_flags()).describe(),
-        "rounds": args.rounds,
-        "versions": package_versions(),
-        "models": [],
-    }
+    results: dict = {**run_facts(args.rounds), "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         results["models"].append(
             bench_model("resnet-tiny", "resnet-tiny", calib, evaluation, None, args.rounds, Path(tmp))
@@ -211,10 +223,7 @@ def main() -> None:
             bench_model("resnet18-cifar", make_resnet18(), calib, evaluation,
                         {"image": (2, 3, 32, 32)}, args.rounds, Path(tmp))
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize_cnn.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "quantize_cnn.md").write_text(_markdown(results))
-    print(_markdown(results))
+    write_results(args.out, "quantize_cnn", results, _markdown(results))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +28,11 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from quantize_cnn import THREADS, _latencies, _Reader, _session, profile_rows
+from quantize_cnn import THREADS, _latencies, _Reader, _session, profile_rows, run_facts, write_results
 
 import slimgraph
 from slimgraph.backends.ort import kernel_time_by_op
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import efficientnet
-from slimgraph.passes.quantize import cpu_flags, int8_target
 from slimgraph.verify import compare_outputs
 
 RESULTS = Path(__file__).parent / "results"
@@ -173,18 +170,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    results = {
-        "cpu": platform.processor() or platform.machine(),
-        "int8_target": int8_target(cpu_flags()).describe(),
-        "rounds": args.rounds,
-        "versions": package_versions(),
-    }
+    results = run_facts(args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         results["model"] = run(args.rounds, Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize_real_cnn.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "quantize_real_cnn.md").write_text(_markdown(results))
-    print(_markdown(results))
+    write_results(args.out, "quantize_real_cnn", results, _markdown(results))
 
 
 if __name__ == "__main__":
