@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON to stdout")
     ins.add_argument("--groups", action="store_true",
                      help="also show the channel groups that prune-channels removes together")
+    ins.add_argument("--blocks", action="store_true",
+                     help="also show the residual blocks and transformer layers that "
+                          "prune-layers can remove")
 
     b = sub.add_parser("bench", help="compare backends and variants of MODEL side by side",
                        formatter_class=fmt)
@@ -259,12 +262,17 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = summarize(loaded.model, batch=args.batch)
     groups = None
     if args.groups:
-        from slimgraph.passes.channel_groups import channel_groups, groups_json
+        from slimgraph.passes.prune.channel_groups import channel_groups, groups_json
 
         groups = groups_json(channel_groups(loaded.model))
+    blocks = None
+    if args.blocks:
+        from slimgraph.passes.prune.layers import blocks_json
+
+        blocks = blocks_json(loaded.model)
     if args.json:
-        print(json.dumps({**summary.to_json(), **({"groups": groups} if args.groups else {})},
-                         indent=2))
+        extra = {k: v for k, v in (("groups", groups), ("blocks", blocks)) if v is not None}
+        print(json.dumps({**summary.to_json(), **extra}, indent=2))
         return 0
     console = Console()
     io = Table("kind", "name", "dtype", "shape", title=f"{loaded.source['name']}")
@@ -292,6 +300,15 @@ def _inspect(args: argparse.Namespace) -> int:
             unit = "heads" if g.get("heads") else "channels"
             table.add_row(str(i), ", ".join(g["layers"]), f"{g['channels']} {unit}",
                           str(g["prunable"]), "; ".join(g["blocked_by"]) or "-")
+        console.print(table)
+    if blocks is not None:
+        table = Table("unit", "kind", "blocks", "nodes", "MACs", "removable",
+                      title="residual blocks and layers (prune-layers)")
+        for b in blocks:
+            table.add_row(b["name"], b["kind"], str(b["blocks"]), str(b["nodes"]),
+                          f"{b['macs']:,}", "yes" if b["removable"] else f"no: {b['reason']}")
+        if not blocks:
+            table.add_row("-", "no residual blocks found", "", "", "", "")
         console.print(table)
     return 0
 

@@ -7,13 +7,14 @@ from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.fold_constants import FoldConstantsPass
 from slimgraph.passes.heal import HealWeightsPass
 from slimgraph.passes.pipeline import Pipeline, make_pass
-from slimgraph.passes.prune_channels import PruneChannelsPass
+from slimgraph.passes.prune import PruneChannelsPass, PruneLayersPass
 from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
     PruneChannelsPass.name: PruneChannelsPass,
+    PruneLayersPass.name: PruneLayersPass,
     InsertQDQPass.name: InsertQDQPass,
     HealWeightsPass.name: HealWeightsPass,
 }
@@ -45,6 +46,7 @@ __all__ = [
     "PassReport",
     "Pipeline",
     "PruneChannelsPass",
+    "PruneLayersPass",
     "SlimgraphPass",
     "Tolerance",
     "make_pass",

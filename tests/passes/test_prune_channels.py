@@ -16,7 +16,7 @@ from slimgraph.calibration import Calibration
 from slimgraph.cli import main
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.passes import Pipeline, PruneChannelsPass
-from slimgraph.passes.channel_groups import ChannelGroups
+from slimgraph.passes.prune.channel_groups import ChannelGroups
 
 RNG = np.random.default_rng(0)
 

@@ -38,7 +38,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.model_stats import layer_macs, param_count, weight_bytes
 from slimgraph.passes.base import SlimgraphPass
-from slimgraph.passes.channel_groups import (
+from slimgraph.passes.prune.channel_groups import (
     FIXED,
     ChannelGroup,
     ChannelGroups,
