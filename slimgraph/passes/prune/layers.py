@@ -393,16 +393,16 @@ class PruneLayersPass(SlimgraphPass):
             raise PipelineSpecError("prune-layers: importance=output needs calibration data "
                                     "(--calib), or use importance=uniform")
         feeds = self.calibration.batched(16)
-        reference = _run(model, feeds)
+        reference = run_outputs(model, feeds)
         for unit in units:
             trial = ir.from_proto(ir.to_proto(model))
             twin = next(u for u in find_units(trial) if u.name == unit.name)
             remove_unit(trial, twin)
-            unit.score = max(0.0, 1.0 - _mean_cosine(_run(trial, feeds), reference))
+            unit.score = max(0.0, 1.0 - _mean_cosine(run_outputs(trial, feeds), reference))
         self.report.count("calibration_samples", len(self.calibration))
 
 
-def _run(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def run_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Every graph output over ``feeds``, concatenated along the batch axis."""
     from slimgraph.backends.ort import session_for
     from slimgraph.passes.quantize.calibrate import inputs_of, serialize
