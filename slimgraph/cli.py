@@ -288,10 +288,13 @@ def _inspect(args: argparse.Namespace) -> int:
     for op, n in summary.ops.items():
         ops.add_row(op, str(n))
     console.print(ops)
-    layers = Table("node", "op", "MACs", "share", title="MACs per layer")
+    layers = Table("node", "op", "MACs", "share", "weight bytes", "activation bytes r/w",
+                   "ops/byte", title="MACs per layer")
     for layer in summary.layers:
         share = layer.macs / summary.total_macs if summary.total_macs else 0.0
-        layers.add_row(layer.node, layer.op_type, f"{layer.macs:,}", f"{share:.1%}")
+        layers.add_row(layer.node, layer.op_type, f"{layer.macs:,}", f"{share:.1%}",
+                       f"{layer.weight_bytes:,}", f"{layer.read_bytes:,} / {layer.write_bytes:,}",
+                       f"{layer.intensity:.2f}")
     console.print(layers)
     if groups is not None:
         table = Table("group", "layers (coupled output channels)", "units", "prunable",

@@ -41,9 +41,30 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
 
 @dataclasses.dataclass
 class LayerMacs:
+    """One node's work: multiply-accumulates and the bytes it moves at the counted batch.
+
+    ``weight_bytes`` are its constant inputs as stored; ``read_bytes`` / ``write_bytes`` its
+    activation inputs and outputs (symbolic dims read as the batch; unknown shapes count 0).
+    """
+
     node: str
     op_type: str
     macs: int
+    weight_bytes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.read_bytes + self.write_bytes
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity: operations (2 per MAC) per byte moved."""
+        return 2 * self.macs / self.bytes if self.bytes else 0.0
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "intensity": round(self.intensity, 3)}
 
 
 
@@ -58,16 +79,53 @@ def _shape_with_batch(value: ir.Value | None, batch: int) -> list[int] | None:
 
 
 def layer_macs(model: ir.Model, batch: int = 1) -> list[LayerMacs]:
-    """Multiply-accumulates of the matrix ops (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU).
+    """The matrix ops' rows of ``layer_costs`` (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU)."""
+    return [row for row, matrix in _costs(model, batch) if matrix]
 
-    Needs output shapes in the graph (run shape inference first); symbolic dims count as ``batch``.
+
+def layer_costs(model: ir.Model, batch: int = 1) -> list[LayerMacs]:
+    """Every node's MACs (0 outside the matrix ops) and bytes moved, in graph order.
+
+    Needs shapes in the graph (run shape inference first); symbolic dims count as ``batch``.
     """
-    rows = []
+    return [row for row, _ in _costs(model, batch)]
+
+
+def _costs(model: ir.Model, batch: int):
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant":
+            continue
         macs = _node_macs(node, batch)
-        if macs is not None:
-            rows.append(LayerMacs(node.name or node.op_type, node.op_type, macs))
-    return rows
+        row = LayerMacs(node.name or node.op_type, node.op_type, macs or 0)
+        for value in node.inputs:
+            if value is None:
+                continue
+            constant = _constant(value)
+            if constant is not None:
+                row.weight_bytes += constant.nbytes
+            else:
+                row.read_bytes += _value_bytes(value, batch)
+        row.write_bytes = sum(_value_bytes(v, batch) for v in node.outputs)
+        yield row, macs is not None
+
+
+def _constant(value: ir.Value):
+    """The tensor of an initializer or a Constant node's output, else None."""
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.value
+    return None
+
+
+def _value_bytes(value: ir.Value, batch: int) -> int:
+    dims = _shape_with_batch(value, batch)
+    if dims is None or value.dtype is None:
+        return 0
+    return math.ceil(math.prod(dims) * value.dtype.bitwidth / 8)
 
 
 def _node_macs(node: ir.Node, batch: int) -> int | None:
@@ -125,6 +183,7 @@ class ModelSummary:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
+        data["layers"] = [layer.to_json() for layer in self.layers]
         data["total_macs"] = self.total_macs
         return data
 

@@ -128,6 +128,11 @@ def test_inspect_counts_macs(tiny_cnn_path, capsys):
     assert data["total_macs"] == conv + gemm
     assert data["params"] == 8 * 27 + 8 + 80 + 10 + 10
     assert data["ops"]["Conv"] == 1 and data["inputs"][0]["name"] == "image"
+    # Bytes at batch 1: the weights as stored, the activations read and written (float32).
+    first = data["layers"][0]
+    assert (first["weight_bytes"], first["read_bytes"], first["write_bytes"]) == (
+        (8 * 27 + 8) * 4, 3 * 16 * 16 * 4, 8 * 16 * 16 * 4)
+    assert first["intensity"] == round(2 * conv / ((8 * 27 + 8 + 3 * 256 + 8 * 256) * 4), 3)
     assert main(["inspect", str(tiny_cnn_path), "--batch", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_macs"] == 4 * (conv + gemm)
 
