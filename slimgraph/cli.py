@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -85,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(b)
 
+    adv = sub.add_parser("advise", help="which device, precision and backend serve MODEL "
+                         "cheapest (roofline bounds, calibrated on this CPU)", formatter_class=fmt)
+    adv.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + "; or an artifact")
+    adv.add_argument("--batch", type=int, default=1)
+    adv.add_argument("--slo-ms", type=float, help="latency objective per batch")
+    adv.add_argument("--precisions", default="fp32,fp16,bf16,int8",
+                     help="comma-separated, of fp32, fp16, bf16, int8")
+    adv.add_argument("--devices", metavar="FILE.toml",
+                     help="more devices (same layout as slimgraph/advise/devices.toml)")
+    adv.add_argument("--no-measure", action="store_true",
+                     help="do not run the model here (every row is then a bound)")
+    adv.add_argument("-o", "--out", default="advise", help="directory for advise.json, roofline.png")
+    _add_output_flags(adv)
+
     for name, what in (("passes", "the registered passes and recipes"),
                        ("backends", "the backends and whether they run here")):
         p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
@@ -122,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return {"export": _export, "inspect": _inspect, "bench": _bench, "passes": _passes,
-                "backends": _backends}[args.command](args)
+                "backends": _backends, "advise": _advise}[args.command](args)
     except SlimgraphError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
@@ -313,6 +328,40 @@ def _inspect(args: argparse.Namespace) -> int:
         if not blocks:
             table.add_row("-", "no residual blocks found", "", "", "", "")
         console.print(table)
+    return 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from slimgraph.advise import advise, plot_roofline
+    from slimgraph.artifact import write_json
+
+    result = advise(args.model, batch=args.batch, slo_ms=args.slo_ms,
+                    precisions=[p for p in args.precisions.split(",") if p],
+                    devices=args.devices, measure=not args.no_measure)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "advise.json", result.to_json())
+    plot = plot_roofline(result, out / "roofline.png")
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    if args.quiet:
+        return 0
+    slo = f", SLO {args.slo_ms:g} ms" if args.slo_ms is not None else ""
+    table = Table("#", "device (backend)", "prec.", "ms", "per s", "$/M inf.", "SLO", "basis",
+                  title=f"{result.model}, batch {result.batch}{slo}")
+    for i, c in enumerate(result.ranked, 1):
+        cost = c.cost_per_million
+        meets = {None: "-", True: "yes", False: "[red]no[/]"}[c.meets(args.slo_ms)]
+        basis = c.basis + ("" if c.fits else ", [red]does not fit memory[/]")
+        table.add_row(str(i), f"{c.device.name} ({c.device.backend})", c.precision,
+                      f"{c.predicted_ms:.3g}", f"{c.throughput:.3g}",
+                      "-" if cost is None else f"{cost:.3g}", meets, basis)
+    console = Console()
+    console.print(table)
+    console.print("'bound only': no device of that kind ran here, so the row is the roofline bound "
+                  "(a floor: real latency adds launch overhead and lost efficiency). Every device "
+                  f"figure's source is in {out}/advise.json; plot: {plot or 'matplotlib missing'}")
     return 0
 
 

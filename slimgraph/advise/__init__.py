@@ -1,0 +1,381 @@
+"""advise: which device, precision and backend serve a model cheapest, bounded by the roofline.
+
+Per layer (``model_stats.layer_costs``, the same counts `inspect` shows) and per device and
+precision, the time bound is the slower of compute (2 operations per MAC at the device's peak for
+that precision; other ops one operation per output element at the fp32 peak) and memory (the
+bytes the layer moves, scaled to the precision's element size, over the bandwidth of the fastest
+memory level the data fits in). Only the matrix ops (Conv, Gemm, MatMul, ...) change precision: the
+backends run the rest in float. The model's bound is the sum over its layers (one layer at a time).
+
+Calibration. On this machine the model runs in onnxruntime at each precision that can be measured
+(fp32); ``efficiency = bound / measured`` scales the prediction for every device of the same kind
+(``predicted = bound / efficiency``). A device kind with no measurement is predicted at its bound
+and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimgraph.errors import InputSpecError
+from slimgraph.model_stats import LayerMacs, layer_costs
+
+CATALOGUE = Path(__file__).with_name("devices.toml")
+BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
+_MATRIX = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"})
+# What each slimgraph backend runs a model in (onnxruntime's CPU kernels have no bf16/fp16 GEMM
+# worth using; its CUDA provider has no bf16 path for these graphs). Other backends: every
+# precision the device lists.
+BACKEND_PRECISIONS = {"ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32", "fp16", "int8")}
+
+
+@dataclasses.dataclass
+class Device:
+    """One catalogue entry: peaks in tera-operations/s per precision, bandwidth in GB/s."""
+
+    name: str
+    kind: str
+    backend: str
+    tops: dict[str, float]
+    memory_gbps: float
+    memory_gb: float
+    price_per_hour: float | None
+    source: str
+    price_source: str = ""
+    checked: bool = False
+    caches: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (bytes, GB/s)
+    here: bool = False  # the machine advise runs on
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_catalogue(extra: str | Path | None = None, host: bool = True) -> list[Device]:
+    """The shipped devices, then ``extra``'s (same name replaces), then this machine's CPU."""
+    data = tomllib.loads(CATALOGUE.read_text())
+    families = {f["name"]: f for f in data.get("cpu_family", [])}
+    entries = {d["name"]: d for d in data.get("device", [])}
+    if extra is not None:
+        more = tomllib.loads(Path(extra).read_text())
+        families.update({f["name"]: f for f in more.get("cpu_family", [])})
+        entries.update({d["name"]: d for d in more.get("device", [])})
+    devices = [_device(entry, families) for entry in entries.values()]
+    if host:
+        local = host_device(families)
+        if local is not None:
+            devices.append(local)
+    return devices
+
+
+_FIELDS = {"name", "kind", "backend", "tops", "memory_gbps", "memory_gb", "price_per_hour",
+           "source", "price_source", "checked"}
+
+
+def _device(entry: dict[str, Any], families: dict[str, dict]) -> Device:
+    entry = dict(entry)
+    family = entry.get("family")
+    if family is not None:
+        if family not in families:
+            raise InputSpecError(f"device {entry['name']!r}: unknown cpu_family {family!r}")
+        entry["tops"] = _cpu_tops(families[family], entry["cores"], families[family]["boost_ghz"])
+    missing = {"name", "kind", "tops", "memory_gbps", "memory_gb"} - entry.keys()
+    if missing:
+        raise InputSpecError(f"device {entry.get('name')!r} lacks {', '.join(sorted(missing))}")
+    return Device(**{k: entry.get(k) for k in _FIELDS if k in entry},
+                  extra={k: v for k, v in entry.items() if k not in _FIELDS})
+
+
+def _cpu_tops(family: dict, cores: int, ghz: float) -> dict[str, float]:
+    return {p: cores * ghz * ops / 1e3 for p, ops in family["ops_per_cycle"].items()}
+
+
+def cpu_flags() -> tuple[str, set[str], dict[str, int]]:
+    """Vendor, feature flags and cache sizes (bytes: l2 total, l3) of this machine's CPU."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vendor, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    caches = {}
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(root.glob("index*")) if root.exists() else []:
+        level = (index / "level").read_text().strip()
+        size = (index / "size").read_text().strip()
+        kind = (index / "type").read_text().strip()
+        if kind == "Instruction" or not size.endswith("K"):
+            continue
+        caches[f"l{level}"] = int(size[:-1]) * 1024
+    return vendor, flags, caches
+
+
+def host_device(families: dict[str, dict]) -> Device | None:
+    """This machine's CPU: the first family its vendor and flags match, at the family's boost
+    clock on ``os.cpu_count()`` cores, with cache levels and a measured memory bandwidth."""
+    vendor, flags, caches = cpu_flags()
+    family = next((f for f in families.values()
+                   if f.get("vendor", "") in ("", vendor) and set(f["match"]) <= flags
+                   and not set(f.get("absent", [])) & flags), None)
+    if family is None:
+        return None
+    cores = os.cpu_count() or 1
+    ghz = family["boost_ghz"]
+    per_cycle = family.get("cache_bytes_per_cycle", {})
+    levels = []
+    if "l2" in caches and "l2" in per_cycle:
+        levels.append((caches["l2"] * cores, cores * per_cycle["l2"] * ghz))
+    if "l3" in caches and "l3" in per_cycle:
+        levels.append((caches["l3"], cores * per_cycle["l3"] * ghz))
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return Device(
+        name="this-cpu", kind="cpu", backend="ort-cpu",
+        tops=_cpu_tops(family, cores, ghz), memory_gbps=measure_bandwidth(cores),
+        memory_gb=round(memory_gb, 1), price_per_hour=None,
+        source=f"detected: {vendor}, flags {', '.join(sorted(set(family['match'])))}, {cores} "
+               f"cores; per-cycle peaks and {ghz} GHz boost from cpu_family {family['name']!r} "
+               f"({family['source']}); memory bandwidth measured (copy, {cores} threads)",
+        caches=levels, here=True)
+
+
+def measure_bandwidth(threads: int, megabytes: int = 256, repeat: int = 5) -> float:
+    """DRAM bandwidth in GB/s: ``threads`` copies of a ``megabytes`` array, best of ``repeat``.
+
+    A copy moves three times its size (read the source, read the destination for ownership, write
+    it back), which is what is counted.
+    """
+    n = megabytes * 2**20 // 8 // threads
+    pairs = [(np.ones(n), np.empty(n)) for _ in range(threads)]
+    best = math.inf
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            list(pool.map(lambda p: np.copyto(p[1], p[0]), pairs))
+            best = min(best, time.perf_counter() - start)
+    return round(3 * n * 8 * threads / best / 1e9, 1)
+
+
+@dataclasses.dataclass
+class LayerBound:
+    node: str
+    op_type: str
+    ops: float
+    bytes: float
+    seconds: float
+    bound_by: str  # "compute" or the memory level
+
+    @property
+    def intensity(self) -> float:
+        return self.ops / self.bytes if self.bytes else 0.0
+
+
+def layer_bounds(costs: list[LayerMacs], device: Device, precision: str) -> list[LayerBound] | None:
+    """Each layer's roofline time on ``device`` at ``precision``; None if the device lacks it."""
+    allowed = BACKEND_PRECISIONS.get(device.backend, tuple(device.tops))
+    if precision not in device.tops or precision not in allowed:
+        return None
+    float_peak = device.tops.get("fp32") or max(device.tops.values())
+    weights = sum(c.weight_bytes for c in costs) * BITS[precision] / 32
+    rows = []
+    for c in costs:
+        matrix = c.op_type in _MATRIX and c.macs > 0
+        scale = BITS[precision] / 32 if matrix else 1.0
+        ops = 2.0 * c.macs if matrix else float(c.write_bytes) / 4
+        moved = c.bytes * scale
+        peak = device.tops[precision] if matrix else float_peak
+        compute = ops / (peak * 1e12)
+        level, bandwidth = "memory", device.memory_gbps
+        for size, gbps in device.caches:  # the fastest level this layer's data fits in
+            if (c.read_bytes + c.write_bytes) * scale + weights <= size:
+                level, bandwidth = f"cache {size // 1024} KiB", gbps
+                break
+        memory = moved / (bandwidth * 1e9)
+        rows.append(LayerBound(c.node, c.op_type, ops, moved, max(compute, memory),
+                               "compute" if compute >= memory else level))
+    return rows
+
+
+@dataclasses.dataclass
+class Choice:
+    device: Device
+    precision: str
+    bound_ms: float
+    predicted_ms: float
+    basis: str  # "measured", "calibrated on <device>", "bound only"
+    batch: int
+    fits: bool
+    measured_ms: float | None = None
+    efficiency: float | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.batch / (self.predicted_ms / 1e3)
+
+    @property
+    def cost_per_million(self) -> float | None:
+        if self.device.price_per_hour is None:
+            return None
+        return self.device.price_per_hour / 3600 * self.predicted_ms / 1e3 / self.batch * 1e6
+
+    def meets(self, slo_ms: float | None) -> bool | None:
+        return None if slo_ms is None else self.predicted_ms <= slo_ms
+
+    def to_json(self, slo_ms: float | None = None) -> dict[str, Any]:
+        return {"device": self.device.name, "kind": self.device.kind,
+                "backend": self.device.backend, "precision": self.precision,
+                "bound_ms": self.bound_ms, "predicted_ms": self.predicted_ms,
+                "measured_ms": self.measured_ms, "efficiency": self.efficiency,
+                "basis": self.basis, "throughput_per_s": self.throughput,
+                "cost_per_million": self.cost_per_million, "fits_memory": self.fits,
+                "meets_slo": self.meets(slo_ms), "price_source": self.device.price_source,
+                "source": self.device.source, "checked": self.device.checked}
+
+
+def footprint_bytes(costs: list[LayerMacs], precision: str) -> float:
+    """Weights at ``precision`` plus the largest layer's activations (a lower bound on memory)."""
+    scale = BITS[precision] / 32
+    return sum(c.weight_bytes for c in costs) * scale + max(
+        (c.read_bytes + c.write_bytes for c in costs), default=0)
+
+
+def rank(choices: list[Choice], slo_ms: float | None) -> list[Choice]:
+    """Those that fit and meet the SLO first, each group cheapest first (unpriced last)."""
+    def key(c: Choice):
+        cost = c.cost_per_million
+        return (not c.fits, c.meets(slo_ms) is False, cost is None, cost or 0.0, c.predicted_ms)
+
+    return sorted(choices, key=key)
+
+
+def choices_for(costs: list[LayerMacs], devices: list[Device], precisions: list[str], batch: int,
+                measured: dict[tuple[str, str], float] | None = None) -> list[Choice]:
+    """Every (device, precision) the device supports, bounded, then calibrated by ``measured``
+    ({(device name, precision): ms}) where measured, and scaled by that kind's efficiency where not."""
+    measured = measured or {}
+    out = []
+    for device in devices:
+        for precision in precisions:
+            bounds = layer_bounds(costs, device, precision)
+            if bounds is None:
+                continue
+            bound_ms = sum(b.seconds for b in bounds) * 1e3
+            fits = footprint_bytes(costs, precision) <= device.memory_gb * 1e9
+            out.append(Choice(device, precision, bound_ms, bound_ms, "bound only", batch, fits))
+    efficiencies: dict[str, tuple[float, str]] = {}
+    for c in out:
+        ms = measured.get((c.device.name, c.precision))
+        if ms is not None:
+            c.measured_ms, c.predicted_ms, c.basis = ms, ms, "measured"
+            c.efficiency = c.bound_ms / ms
+            efficiencies.setdefault(c.device.kind, (c.efficiency, c.device.name))
+    for c in out:
+        if c.basis == "bound only" and c.device.kind in efficiencies:
+            efficiency, where = efficiencies[c.device.kind]
+            c.efficiency = efficiency
+            c.predicted_ms = c.bound_ms / efficiency
+            c.basis = f"scaled by {where}"
+    return out
+
+
+@dataclasses.dataclass
+class Advice:
+    model: str
+    batch: int
+    slo_ms: float | None
+    ranked: list[Choice]
+    layers: dict[str, list[LayerBound]]  # "device/precision" -> bounds, for the plot
+    costs: list[LayerMacs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "batch": self.batch, "slo_ms": self.slo_ms,
+                "ranking": [c.to_json(self.slo_ms) for c in self.ranked],
+                "layers": [c.to_json() for c in self.costs]}
+
+
+def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 50) -> float:
+    """p50 ms of onnxruntime on this CPU (all cores, default graph optimisations)."""
+    from slimgraph.backends.ort import session_for
+    from slimgraph.bench.timing import interleaved
+
+    session = session_for(model_bytes)
+    names = {i.name for i in session.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    return interleaved({"m": lambda: session.run(None, feed)}, warmup=5, repeat=repeat)["m"].p50_ms
+
+
+def advise(model: Any, *, batch: int = 1, slo_ms: float | None = None,
+           precisions: list[str] | None = None, devices: str | Path | None = None,
+           measure: bool = True, repeat: int = 50) -> Advice:
+    """Rank every catalogue device and precision for ``model`` (anything ``slimgraph.load``
+    takes, or an artifact directory) at ``batch``; measure fp32 here unless ``measure=False``."""
+    import onnx_ir as ir
+
+    import slimgraph
+    from slimgraph.calibration import stack_feeds
+
+    precisions = precisions or ["fp32", "fp16", "bf16", "int8"]
+    unknown = [p for p in precisions if p not in BITS]
+    if unknown:
+        raise InputSpecError(f"unknown precision {unknown}; valid: {', '.join(BITS)}")
+    path = Path(str(model)) if isinstance(model, (str, Path)) else None
+    if path is not None and path.is_dir() and (path / "manifest.json").exists():
+        model = path / "model.onnx"
+    loaded = slimgraph.load(model)
+    ir.passes.common.ShapeInferencePass()(loaded.model)
+    costs = layer_costs(loaded.model, batch)
+    catalogue = load_catalogue(devices)
+    measured = {}
+    here = next((d for d in catalogue if d.here), None)
+    if measure and here is not None and "fp32" in precisions and loaded.calibration:
+        feeds = list(loaded.calibration)
+        feed = stack_feeds([feeds[i % len(feeds)] for i in range(batch)])
+        measured[(here.name, "fp32")] = measure_host(ir.to_proto(loaded.model).SerializeToString(),
+                                                     feed, repeat)
+    ranked = rank(choices_for(costs, catalogue, precisions, batch, measured), slo_ms)
+    layers = {}
+    for c in ranked[:3] + [c for c in ranked if c.device.here]:
+        key = f"{c.device.name} / {c.precision}"
+        layers.setdefault(key, layer_bounds(costs, c.device, c.precision))
+    return Advice(loaded.source.get("name", str(model)), batch, slo_ms, ranked, layers, costs)
+
+
+def plot_roofline(advice: Advice, path: Path) -> Path | None:
+    """Roofs of the top choices and this CPU, with the layers as points at their bounds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = np.logspace(-2, 4, 200)
+    by_name = {f"{c.device.name} / {c.precision}": c for c in advice.ranked}
+    for i, (key, bounds) in enumerate(advice.layers.items()):
+        choice = by_name[key]
+        peak = choice.device.tops[choice.precision] * 1e12
+        line = ax.plot(xs, np.minimum(peak, xs * choice.device.memory_gbps * 1e9), "-",
+                       linewidth=1.2, label=f"{key} roof")[0]
+        points = [b for b in bounds if b.ops > 0 and b.bytes > 0 and b.seconds > 0]
+        ax.scatter([b.intensity for b in points], [b.ops / b.seconds for b in points],
+                   s=12, alpha=0.6, color=line.get_color(),
+                   marker="os^vD"[i % 5], label=f"{key} layers")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (operations / byte)")
+    ax.set_ylabel("operations / s at the bound")
+    ax.set_title(f"{advice.model}, batch {advice.batch}: roofline")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
