@@ -140,6 +140,10 @@ def test_measured_latency_is_never_below_the_bound():
     here = next(c for c in result.ranked if c.device.here)
     assert here.basis == "measured"
     assert here.measured_ms >= here.bound_ms > 0
+    # Per node, from onnxruntime's profiler with the graph as it is: every node matched.
+    assert len(result.host_layers) == len(result.costs)
+    assert all(r["measured_ms"] is not None for r in result.host_layers)
+    assert result.below_bound == []
 
 
 def test_cli_json_and_plot(tmp_path, capsys, tiny_cnn_path):

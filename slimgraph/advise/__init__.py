@@ -189,7 +189,7 @@ def layer_bounds(costs: list[LayerMacs], device: Device, precision: str) -> list
         matrix = c.op_type in _MATRIX and c.macs > 0
         scale = BITS[precision] / 32 if matrix else 1.0
         ops = 2.0 * c.macs if matrix else float(c.write_bytes) / 4
-        moved = c.bytes * scale
+        moved = _traffic(c) * scale
         peak = device.tops[precision] if matrix else float_peak
         compute = ops / (peak * 1e12)
         level, bandwidth = "memory", device.memory_gbps
@@ -201,6 +201,22 @@ def layer_bounds(costs: list[LayerMacs], device: Device, precision: str) -> list
         rows.append(LayerBound(c.node, c.op_type, ops, moved, max(compute, memory),
                                "compute" if compute >= memory else level))
     return rows
+
+
+# Ops whose output is a view of their input (or only its shape): no element is read or written.
+_VIEWS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size"})
+# Ops that read only the elements they write (a row of an embedding table, a slice).
+_SELECTS = frozenset({"Gather", "GatherElements", "GatherND", "Slice"})
+
+
+def _traffic(c: LayerMacs) -> float:
+    """Bytes a layer must move: a view moves none; a selection (Gather from an embedding table,
+    Slice) reads only what it writes."""
+    if c.op_type in _VIEWS:
+        return 0.0
+    if c.op_type in _SELECTS:
+        return float(2 * c.write_bytes)
+    return float(c.bytes)
 
 
 @dataclasses.dataclass
@@ -293,11 +309,21 @@ class Advice:
     ranked: list[Choice]
     layers: dict[str, list[LayerBound]]  # "device/precision" -> bounds, for the plot
     costs: list[LayerMacs]
+    # This CPU at fp32, per node: onnxruntime's profiler (graph optimisations off, so every node
+    # runs as itself) beside the node's bound; empty without a measurement.
+    host_layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def below_bound(self) -> list[dict[str, Any]]:
+        """Layers measured faster than their bound: each one says the bound is wrong."""
+        return [r for r in self.host_layers
+                if r["measured_ms"] is not None and r["measured_ms"] < r["bound_ms"]]
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "batch": self.batch, "slo_ms": self.slo_ms,
                 "ranking": [c.to_json(self.slo_ms) for c in self.ranked],
-                "layers": [c.to_json() for c in self.costs]}
+                "layers": [c.to_json() for c in self.costs], "host_layers": self.host_layers,
+                "host_layers_below_bound": len(self.below_bound)}
 
 
 def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 50) -> float:
@@ -332,19 +358,37 @@ def advise(model: Any, *, batch: int = 1, slo_ms: float | None = None,
     ir.passes.common.ShapeInferencePass()(loaded.model)
     costs = layer_costs(loaded.model, batch)
     catalogue = load_catalogue(devices)
-    measured = {}
+    measured, host_layers = {}, []
     here = next((d for d in catalogue if d.here), None)
     if measure and here is not None and "fp32" in precisions and loaded.calibration:
         feeds = list(loaded.calibration)
         feed = stack_feeds([feeds[i % len(feeds)] for i in range(batch)])
-        measured[(here.name, "fp32")] = measure_host(ir.to_proto(loaded.model).SerializeToString(),
-                                                     feed, repeat)
+        model_bytes = ir.to_proto(loaded.model).SerializeToString()
+        measured[(here.name, "fp32")] = measure_host(model_bytes, feed, repeat)
+        host_layers = _host_layers(model_bytes, feed, costs, here, repeat)
     ranked = rank(choices_for(costs, catalogue, precisions, batch, measured), slo_ms)
     layers = {}
     for c in ranked[:3] + [c for c in ranked if c.device.here]:
         key = f"{c.device.name} / {c.precision}"
         layers.setdefault(key, layer_bounds(costs, c.device, c.precision))
-    return Advice(loaded.source.get("name", str(model)), batch, slo_ms, ranked, layers, costs)
+    return Advice(loaded.source.get("name", str(model)), batch, slo_ms, ranked, layers, costs,
+                  host_layers)
+
+
+def _host_layers(model_bytes: bytes, feed: dict[str, np.ndarray], costs: list[LayerMacs],
+                 here: Device, runs: int) -> list[dict[str, Any]]:
+    from slimgraph.backends.ort import kernel_time_by_node
+
+    per_node = kernel_time_by_node(model_bytes, feed, runs,
+                                   {"graph_optimization_level": "disabled"})
+    rows = []
+    for bound in layer_bounds(costs, here, "fp32"):
+        us = per_node.get(bound.node)
+        rows.append({"node": bound.node, "op_type": bound.op_type,
+                     "bound_ms": bound.seconds * 1e3, "bound_by": bound.bound_by,
+                     "measured_ms": None if us is None else us / 1e3,
+                     "efficiency": (bound.seconds * 1e6 / us) if us else None})
+    return rows
 
 
 def plot_roofline(advice: Advice, path: Path) -> Path | None:

@@ -73,6 +73,27 @@ def kernel_time_by_op(model: bytes | str | Path, feed: dict[str, np.ndarray], ru
                       config: dict[str, Any] | None = None) -> dict[str, float]:
     """Microseconds per run spent in each op type's kernels, from onnxruntime's profiler (CPU),
     after five warm-up runs; op types as onnxruntime ran them (after its fusions), costliest first."""
+    per_op: dict[str, float] = {}
+    for e in _kernel_events(model, feed, runs, config):
+        op = e["args"]["op_name"]
+        per_op[op] = per_op.get(op, 0.0) + e["dur"] / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_time_by_node(model: bytes | str | Path, feed: dict[str, np.ndarray], runs: int = 20,
+                        config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Microseconds per run of each node's kernel, by node name, after five warm-up runs. With
+    ``graph_optimization_level="disabled"`` in ``config`` the names are the graph's own."""
+    per_node: dict[str, float] = {}
+    for e in _kernel_events(model, feed, runs, config):
+        name = e["name"].removesuffix("_kernel_time")
+        per_node[name] = per_node.get(name, 0.0) + e["dur"] / runs
+    return per_node
+
+
+def _kernel_events(model: bytes | str | Path, feed: dict[str, np.ndarray], runs: int,
+                   config: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """onnxruntime's profiler events of every kernel in ``runs`` runs after five warm-up runs."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,11 +104,7 @@ def kernel_time_by_op(model: bytes | str | Path, feed: dict[str, np.ndarray], ru
             session.run(None, inputs)
         events = json.loads(Path(session.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_op: dict[str, float] = {}
-    for e in kernels[len(kernels) * 5 // (5 + runs):]:  # the warm-up runs come first
-        op = e["args"]["op_name"]
-        per_op[op] = per_op.get(op, 0.0) + e["dur"] / runs
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    return kernels[len(kernels) * 5 // (5 + runs):]  # the warm-up runs come first
 
 
 def runner_for(session: ort.InferenceSession) -> Runner:
