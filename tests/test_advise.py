@@ -156,3 +156,12 @@ def test_cli_json_and_plot(tmp_path, capsys, tiny_cnn_path):
     assert (out / "roofline.png").stat().st_size > 0
     assert json.loads((out / "advise.json").read_text())["ranking"] == data["ranking"]
     assert main(["advise", str(tiny_cnn_path), "--precisions", "fp8", "-o", str(out)]) != 0
+
+
+def test_a_lent_gpu_is_found_in_the_catalogue_by_its_model_number():
+    catalogue = adv.load_catalogue(host=False)
+    assert adv.gpu_entry("NVIDIA H200", catalogue).name == "nvidia-h200"
+    assert adv.gpu_entry("NVIDIA H100 80GB HBM3", catalogue).name == "nvidia-h100-sxm"
+    assert adv.gpu_entry("NVIDIA A100-SXM4-80GB", catalogue).name == "nvidia-a100-80gb"
+    assert adv.gpu_entry("Tesla T4", catalogue).name == "nvidia-t4"
+    assert adv.gpu_entry("NVIDIA GeForce RTX 4090", catalogue) is None

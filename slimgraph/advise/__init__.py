@@ -326,12 +326,38 @@ class Advice:
                 "host_layers_below_bound": len(self.below_bound)}
 
 
-def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 50) -> float:
-    """p50 ms of onnxruntime on this CPU (all cores, default graph optimisations)."""
+def lent_gpu(catalogue: list[Device]) -> Device | None:
+    """The catalogue entry of the NVIDIA GPU on this machine, if onnxruntime can use CUDA and
+    ``nvidia-smi`` names a GPU the catalogue has."""
+    import shutil
+    import subprocess
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not shutil.which("nvidia-smi"):
+        return None
+    run = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False)
+    return gpu_entry(run.stdout.splitlines()[0] if run.returncode == 0 and run.stdout else "",
+                     catalogue)
+
+
+def gpu_entry(reported: str, catalogue: list[Device]) -> Device | None:
+    """The catalogue GPU whose model number (T4, L4, A10, A100, H100, H200) ``reported`` names."""
+    words = reported.upper().replace("-", " ").split()
+    for device in catalogue:
+        if device.kind == "gpu" and device.name.split("-")[1].upper() in words:
+            return device
+    return None
+
+
+def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 50,
+                 providers: list[str] | None = None) -> float:
+    """p50 ms of onnxruntime here (CPU by default: all cores, default graph optimisations)."""
     from slimgraph.backends.ort import session_for
     from slimgraph.bench.timing import interleaved
 
-    session = session_for(model_bytes)
+    session = session_for(model_bytes, providers=providers)
     names = {i.name for i in session.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in names}
     return interleaved({"m": lambda: session.run(None, feed)}, warmup=5, repeat=repeat)["m"].p50_ms
@@ -366,6 +392,10 @@ def advise(model: Any, *, batch: int = 1, slo_ms: float | None = None,
         model_bytes = ir.to_proto(loaded.model).SerializeToString()
         measured[(here.name, "fp32")] = measure_host(model_bytes, feed, repeat)
         host_layers = _host_layers(model_bytes, feed, costs, here, repeat)
+        gpu = lent_gpu(catalogue)
+        if gpu is not None:
+            measured[(gpu.name, "fp32")] = measure_host(model_bytes, feed, repeat,
+                                                        ["CUDAExecutionProvider"])
     ranked = rank(choices_for(costs, catalogue, precisions, batch, measured), slo_ms)
     layers = {}
     for c in ranked[:3] + [c for c in ranked if c.device.here]:
