@@ -112,6 +112,14 @@ def minilm_rows(steps: int, rounds: int) -> dict[str, dict]:
     return rows
 
 
+class _Skip(torch.nn.Module):
+    """The identity in place of a block, whatever its block's forward took besides the input
+    (EfficientNet's blocks take ``drop_connect_rate=``)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(1) == b.argmax(1)).mean())
 
@@ -133,7 +141,7 @@ def cnn_row(name: str, rounds: int) -> dict:
     for dotted in removed:
         parent, _, child = dotted.rpartition(".")
         container = module.get_submodule(parent)
-        container[int(child)] = torch.nn.Identity()
+        container[int(child)] = _Skip()
     evaluation = builtin.evaluation()
     feeds = evaluation.feeds
     name_in = builtin.input_names[0]
@@ -232,15 +240,20 @@ def main() -> None:
     results["machine"] = {"cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "load": args.load}
     wanted = args.rows.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: an hour of healing is not lost to a later row's error
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / f"{NAME}.md").write_text(_markdown(results))
+
     if "minilm" in wanted or "minilm-compound" in wanted:
         results["rows"].update(minilm_rows(args.steps, args.rounds))
+        save()
     for name in wanted:
         if not name.startswith("minilm"):
             results["rows"][name] = cnn_row(name, args.rounds)
             print(name, json.dumps(results["rows"][name], indent=1), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{NAME}.md").write_text(_markdown(results))
+            save()
     print(_markdown(results))
 
 

@@ -95,8 +95,8 @@ def test_host_detection_picks_the_family_its_flags_match(monkeypatch):
     monkeypatch.setattr(adv, "cpu_flags", lambda: ("AuthenticAMD", zen4, {"l2": 2**20, "l3": 2**25}))
     host = adv.host_device(families)
     assert "amd-zen4" in host.source and host.memory_gbps == 42.0 and host.here
-    assert host.tops["fp32"] == pytest.approx(2 * 3.7 * 32 / 1e3)
-    assert host.caches == [(2 * 2**20, 2 * 64 * 3.7), (2**25, 2 * 32 * 3.7)]
+    assert host.tops["fp32"] == pytest.approx(2 * 4.4 * 32 / 1e3)
+    assert host.caches == [(2 * 2**20, 2 * 64 * 4.4), (2**25, 2 * 32 * 4.4)]
     monkeypatch.setattr(adv, "cpu_flags", lambda: ("AuthenticAMD", zen4 | {"avx_vnni"}, {}))
     assert "amd-zen5" in adv.host_device(families).source
     monkeypatch.setattr(adv, "cpu_flags", lambda: ("GenuineIntel", {"avx2", "fma"}, {}))
