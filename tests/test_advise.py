@@ -76,11 +76,14 @@ def test_user_devices_add_and_replace(tmp_path):
         'tops = { fp32 = 1.0 }\nmemory_gbps = 1.0\nmemory_gb = 1.0\nprice_per_hour = 9.0\n'
         'source = "mine"\n\n'
         '[[device]]\nname = "my-box"\nkind = "cpu"\nbackend = "ort-cpu"\nfamily = "x86-avx2"\n'
-        'cores = 4\nmemory_gbps = 50.0\nmemory_gb = 32.0\nprice_per_hour = 0.2\nsource = "mine"\n')
+        'cores = 4\nmemory_gbps = 50.0\nmemory_gb = 32.0\nprice_per_hour = 0.2\nsource = "mine"\n\n'
+        '[[device]]\nname = "my-slow-box"\nkind = "cpu"\nbackend = "ort-cpu"\nfamily = "x86-avx2"\n'
+        'cores = 4\nboost_ghz = 2.0\nmemory_gbps = 50.0\nmemory_gb = 32.0\nsource = "mine"\n')
     devices = {d.name: d for d in adv.load_catalogue(extra, host=False)}
     assert devices["nvidia-t4"].price_per_hour == 9.0
     # x86-avx2: 32 fp32 ops/cycle/core at the family's 4.0 GHz on 4 cores = 0.512 TOPS.
     assert devices["my-box"].tops["fp32"] == pytest.approx(0.512)
+    assert devices["my-slow-box"].tops["fp32"] == pytest.approx(0.256)  # its own clock
     bad = tmp_path / "bad.toml"
     bad.write_text('[[device]]\nname = "x"\nkind = "cpu"\nfamily = "nope"\ncores = 1\n')
     with pytest.raises(InputSpecError, match="unknown cpu_family"):

@@ -84,7 +84,11 @@ def _device(entry: dict[str, Any], families: dict[str, dict]) -> Device:
     if family is not None:
         if family not in families:
             raise InputSpecError(f"device {entry['name']!r}: unknown cpu_family {family!r}")
-        entry["tops"] = _cpu_tops(families[family], entry["cores"], families[family]["boost_ghz"])
+        ghz = entry.get("boost_ghz", families[family]["boost_ghz"])  # the instance's own clock
+        entry["tops"] = _cpu_tops(families[family], entry["cores"], ghz)
+    entry.setdefault("price_per_hour", None)  # unpriced: ranked after the priced
+    entry.setdefault("source", "")
+    entry.setdefault("backend", "")
     missing = {"name", "kind", "tops", "memory_gbps", "memory_gb"} - entry.keys()
     if missing:
         raise InputSpecError(f"device {entry.get('name')!r} lacks {', '.join(sorted(missing))}")
