@@ -10,6 +10,7 @@ from slimgraph.passes.pipeline import Pipeline, make_pass
 from slimgraph.passes.prune import PruneChannelsPass, PruneLayersPass
 from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
+from slimgraph.passes.sparse import SparsifyPass
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
@@ -17,6 +18,7 @@ PASSES: dict[str, type[SlimgraphPass]] = {
     PruneLayersPass.name: PruneLayersPass,
     InsertQDQPass.name: InsertQDQPass,
     HealWeightsPass.name: HealWeightsPass,
+    SparsifyPass.name: SparsifyPass,
 }
 
 RECIPES: dict[str, str] = {
@@ -48,6 +50,7 @@ __all__ = [
     "PruneChannelsPass",
     "PruneLayersPass",
     "SlimgraphPass",
+    "SparsifyPass",
     "Tolerance",
     "make_pass",
     "recipe",

@@ -42,7 +42,7 @@ class Pipeline:
             token = raw.strip()
             if not token:
                 continue
-            if ":" in token:
+            if ":" in token and "=" not in token.partition(":")[0]:  # not key=2:4
                 name, _, first = token.partition(":")
                 entries.append((name.strip(), {}, []))
                 _add_option(entries[-1], first.strip(), spec)
@@ -154,8 +154,9 @@ def _pass_spec(p: SlimgraphPass) -> str:
     params = inspect.signature(type(p).__init__).parameters
     opts = p.options()
     parts = []
-    if "mode" in opts:
-        parts.append(str(opts.pop("mode")))
+    first = getattr(p, "positional_option", "mode")
+    if first in opts:
+        parts.append(str(opts.pop(first)))
     for key, value in opts.items():
         default = params[key].default if key in params else inspect.Parameter.empty
         empty = value in ([], ()) and default in (None, (), [])  # stored as a list when unset
@@ -197,13 +198,14 @@ def make_pass(
     }
     hints = typing.get_type_hints(cls.__init__)
     kwargs: dict[str, Any] = {}
+    first = getattr(cls, "positional_option", "mode")  # what a bare first token sets
     if positional:
-        if "mode" not in params:
+        if first not in params:
             raise PipelineSpecError(
                 f"{source}: pass {name!r} takes no mode; got {positional[0]!r}"
                 + (f"; options: {', '.join(params)}" if params else "")
             )
-        kwargs["mode"] = positional[0]
+        kwargs[first] = _coerce(positional[0], hints.get(first, str), f"{source}: {name}:{first}")
     for key, raw in options.items():
         if key not in params:
             valid = ", ".join(params) or "none"

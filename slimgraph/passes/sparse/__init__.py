@@ -1,0 +1,5 @@
+"""Sparse weights: sparsify (magnitude pruning, unstructured or N:M)."""
+
+from slimgraph.passes.sparse.sparsify import SparsifyPass
+
+__all__ = ["SparsifyPass"]

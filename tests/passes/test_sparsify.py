@@ -1,0 +1,171 @@
+"""sparsify: exact counts and thresholds per layer and globally, N:M groups along the reduction
+axis of Gemm (both layouts), MatMul and Conv, outputs against the unmodified model evaluated with
+the same zeros, skip, bad options, and heal keeping the zeros."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import slimgraph
+from slimgraph.cli import main
+from slimgraph.errors import PipelineSpecError, UnsupportedOpError
+from slimgraph.passes import Pipeline, SparsifyPass
+
+RNG = np.random.default_rng(0)
+
+
+def _graph(trans_b: int = 1) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """x[N,16] -> Gemm(w1, transB) -> Relu -> MatMul(w2 [8,12]) -> Conv-free head -> y[N,12]."""
+    w1 = RNG.standard_normal((8, 16) if trans_b else (16, 8)).astype(np.float32)
+    b1 = RNG.standard_normal(8).astype(np.float32)
+    w2 = RNG.standard_normal((8, 12)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=trans_b, name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+        initializer=[numpy_helper.from_array(a, k) for k, a in
+                     (("w1", w1), ("b1", b1), ("w2", w2))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    return ir.from_proto(proto), {"w1": w1, "b1": b1, "w2": w2}
+
+
+def _weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _forward(w: dict[str, np.ndarray], x: np.ndarray, trans_b: int) -> np.ndarray:
+    h = x @ (w["w1"].T if trans_b else w["w1"]) + w["b1"]
+    return np.maximum(h, 0) @ w["w2"]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_layer_scope_zeroes_the_smallest_of_each_layer(trans_b):
+    model, before = _graph(trans_b)
+    p = SparsifyPass(sparsity=0.75)
+    out = p(model).model
+    after = _weights(out)
+    for key in ("w1", "w2"):
+        w, s = before[key], after[key]
+        zero = s == 0
+        assert zero.sum() == round(0.75 * w.size)
+        assert np.array_equal(s[~zero], w[~zero])  # what stays is untouched
+        assert np.abs(w[zero]).max() <= np.abs(w[~zero]).min()
+    assert np.array_equal(after["b1"], before["b1"])  # biases stay dense
+    x = RNG.standard_normal((5, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _forward(after, x, trans_b), rtol=1e-5, atol=1e-5)
+    assert p.report.counts["weights_zeroed"] == round(0.75 * 128) + round(0.75 * 96)
+
+
+def test_global_scope_uses_one_threshold():
+    model, before = _graph()
+    before["w2"] *= 10  # larger weights: under one threshold this layer loses fewer
+    model.graph.initializers["w2"].const_value = ir.tensor(before["w2"], name="w2")
+    after = _weights(SparsifyPass(sparsity=0.5, scope="global")(model).model)
+    removed = np.concatenate([np.abs(before[k][after[k] == 0]) for k in ("w1", "w2")])
+    kept = np.concatenate([np.abs(before[k][after[k] != 0]) for k in ("w1", "w2")])
+    assert removed.size == round(0.5 * (128 + 96)) and removed.max() <= kept.min()
+    assert (after["w2"] == 0).mean() < 0.5 < (after["w1"] == 0).mean()
+
+
+def _check_n_of_m(w: np.ndarray, s: np.ndarray, rows: np.ndarray, n: int, m: int) -> None:
+    """``rows`` is ``w`` laid out [..., K] along the reduction axis (built by the test itself)."""
+    groups_s = rows(s).reshape(-1, m)
+    groups_w = rows(w).reshape(-1, m)
+    assert ((groups_s != 0).sum(axis=1) <= n).all()
+    for gs, gw in zip(groups_s, groups_w, strict=True):
+        assert sorted(np.abs(gw))[-n:] == sorted(np.abs(gs[gs != 0]))
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_two_of_four_on_gemm_and_matmul(trans_b):
+    model, before = _graph(trans_b)
+    out = Pipeline.parse("sparsify:pattern=2:4").run(model)[0]
+    after = _weights(out)
+    gemm_rows = (lambda a: a) if trans_b else (lambda a: a.T)  # [N, K] either way
+    _check_n_of_m(before["w1"], after["w1"], gemm_rows, 2, 4)
+    _check_n_of_m(before["w2"], after["w2"], lambda a: a.T, 2, 4)  # MatMul [K, N] -> [N, K]
+    x = RNG.standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _forward(after, x, trans_b), rtol=1e-5, atol=1e-5)
+
+
+def test_n_of_m_on_a_real_conv_and_what_stays_dense():
+    model, _ = Pipeline.parse("fold-constants").run(slimgraph.load("digits-cnn").model)
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    before = {n.name: n.inputs[1].const_value.numpy().copy() for n in convs}
+    p = Pipeline.parse("sparsify:pattern=4:8")
+    out, (report,) = p.run(model)
+    for node in (n for n in out.graph if n.op_type == "Conv"):
+        w, s = before[node.name], node.inputs[1].const_value.numpy()
+        if w.shape[1] % 8:  # the first conv reads 1 channel: left dense, and said so
+            assert np.array_equal(w, s)
+            assert any(node.name in note and "left dense" in note for note in report.notes)
+        else:  # [O, I, kh, kw] -> [O, kh, kw, I]: groups of 8 input channels
+            _check_n_of_m(w, s, lambda a: np.moveaxis(a, 1, -1), 4, 8)
+
+
+def test_skip_keeps_a_layer_dense_and_unknown_names_are_listed():
+    model, before = _graph()
+    after = _weights(SparsifyPass(sparsity=0.5, skip=["fc1"])(model).model)
+    assert np.array_equal(after["w1"], before["w1"]) and (after["w2"] == 0).sum() == 48
+    model, _ = _graph()
+    with pytest.raises(PipelineSpecError, match=r"layers with weights: fc1, fc2"):
+        SparsifyPass(sparsity=0.5, skip=["fc9"])(model)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("sparsify:1.5", "sparsity must be in"),
+    ("sparsify:0", "sparsity must be in"),
+    ("sparsify:0.9,pattern=3:4", "pattern must be one of"),
+    ("sparsify:0.9,pattern=2:4", "means sparsity 0.5"),
+    ("sparsify:0.5,scope=local", "scope must be one of"),
+    ("sparsify", "give the sparsity"),
+])
+def test_bad_options(spec, message):
+    with pytest.raises(PipelineSpecError, match=message):
+        Pipeline.parse(spec)
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    assert main(["export", "mlp", "-o", str(out), "--passes", "sparsify:1.5", "--quiet"]) == 2
+    assert main(["export", "mlp", "-o", str(out), "--passes", "sparsify:0.5,skip=nope",
+                 "--quiet"]) == 2
+    assert not out.exists()
+
+
+def test_quantized_graph_is_refused():
+    model, _ = Pipeline.parse("fold-constants,quantize:int8,dynamic=true").run(
+        slimgraph.load("mlp").model)
+    with pytest.raises(UnsupportedOpError, match="sparsify before quantizing"):
+        SparsifyPass(sparsity=0.5)(model)
+
+
+def test_heal_keeps_the_zeros(tmp_path):
+    result = slimgraph.export("digits-cnn", tmp_path / "out", backends=["ort-cpu"],
+                              passes="fold-constants,sparsify:0.8,heal:steps=30",
+                              allow_mismatch=True)
+    sparse, _ = Pipeline.parse("fold-constants,sparsify:0.8").run(
+        slimgraph.load("digits-cnn").model)
+    healed = ir.load(result.out / "model.onnx")
+    moved = 0
+    for node in (n for n in sparse.graph if n.op_type in ("Conv", "Gemm")):
+        want = node.inputs[1].const_value.numpy()
+        got = healed.graph.initializers[node.inputs[1].name].const_value.numpy()
+        assert np.array_equal(got == 0, want == 0), node.name  # the same zeros, no more, no fewer
+        moved += int(np.sum(got != want))
+    assert moved > 0  # heal trained the weights that stayed
