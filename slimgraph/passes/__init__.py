@@ -10,7 +10,7 @@ from slimgraph.passes.pipeline import Pipeline, make_pass
 from slimgraph.passes.prune import PruneChannelsPass, PruneLayersPass
 from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
-from slimgraph.passes.sparse import SparsifyPass
+from slimgraph.passes.sparse import ShareWeightsPass, SparsifyPass
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
@@ -19,6 +19,7 @@ PASSES: dict[str, type[SlimgraphPass]] = {
     InsertQDQPass.name: InsertQDQPass,
     HealWeightsPass.name: HealWeightsPass,
     SparsifyPass.name: SparsifyPass,
+    ShareWeightsPass.name: ShareWeightsPass,
 }
 
 RECIPES: dict[str, str] = {
@@ -49,6 +50,7 @@ __all__ = [
     "Pipeline",
     "PruneChannelsPass",
     "PruneLayersPass",
+    "ShareWeightsPass",
     "SlimgraphPass",
     "SparsifyPass",
     "Tolerance",

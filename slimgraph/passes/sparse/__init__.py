@@ -1,5 +1,7 @@
-"""Sparse weights: sparsify (magnitude pruning, unstructured or N:M)."""
+"""Sparse weights: sparsify (magnitude pruning, unstructured or N:M) and share-weights (k-means
+weight sharing)."""
 
+from slimgraph.passes.sparse.share import ShareWeightsPass
 from slimgraph.passes.sparse.sparsify import SparsifyPass
 
-__all__ = ["SparsifyPass"]
+__all__ = ["ShareWeightsPass", "SparsifyPass"]

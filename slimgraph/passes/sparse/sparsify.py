@@ -75,6 +75,37 @@ def _magnitude_keep(magnitudes: np.ndarray, sparsity: float) -> np.ndarray:
     return keep.reshape(magnitudes.shape)
 
 
+def refuse_quantized(model: ir.Model, name: str) -> None:
+    qdq = next((n for n in model.graph if n.op_type in _QDQ_OPS), None)
+    if qdq is not None:
+        raise UnsupportedOpError(
+            f"{name}: the graph is already quantized ({qdq.op_type}); {name} before "
+            f"quantizing, e.g. '{name},heal,quantize:int8'")
+
+
+def weighted_layers(model: ir.Model, skip: list[str] | None, name: str
+                    ) -> list[tuple[ir.Node, str, np.ndarray]]:
+    """(node, layer id, weight) of every Conv/Gemm/MatMul with a constant float weight, less the
+    layers ``skip`` names (by layer id or weight name; an unknown name is an error)."""
+    ids = layer_ids(model.graph)
+    found = []
+    for node in model.graph:
+        if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        w = constant_weight(node)
+        if w is not None:
+            found.append((node, ids[node], w))
+    skip_set = set(skip or [])
+    names = {layer for _, layer, _ in found} | {node.inputs[1].name for node, _, _ in found}
+    unknown = sorted(skip_set - names)
+    if unknown:
+        raise PipelineSpecError(
+            f"{name}: skip names unknown layers {unknown}; layers with weights: "
+            f"{', '.join(layer for _, layer, _ in found) or 'none'}")
+    return [(node, layer, w) for node, layer, w in found
+            if layer not in skip_set and node.inputs[1].name not in skip_set]
+
+
 class SparsifyPass(SlimgraphPass):
     """Zeroes the smallest weights: to ``sparsity`` per layer or globally, or to an N:M pattern."""
 
@@ -114,12 +145,8 @@ class SparsifyPass(SlimgraphPass):
                 if k not in defaults or v != defaults[k]}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        qdq = next((n for n in model.graph if n.op_type in _QDQ_OPS), None)
-        if qdq is not None:
-            raise UnsupportedOpError(
-                f"sparsify: the graph is already quantized ({qdq.op_type}); sparsify before "
-                "quantizing, e.g. 'sparsify:0.9,heal,quantize:int8'")
-        layers = self._layers(model)
+        refuse_quantized(model, self.name)
+        layers = weighted_layers(model, self.skip, self.name)
         if not layers:
             return ir.passes.PassResult(model, False)
         masks = self._masks(layers)
@@ -144,25 +171,6 @@ class SparsifyPass(SlimgraphPass):
                                     f"({self.pattern}, scope {self.scope})")
         logger.info("sparsify zeroed %d of %d weights", zeroed, total)
         return ir.passes.PassResult(model, zeroed > 0)
-
-    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, str, np.ndarray]]:
-        ids = layer_ids(model.graph)
-        found = []
-        for node in model.graph:
-            if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
-                continue
-            w = constant_weight(node)
-            if w is not None:
-                found.append((node, ids[node], w))
-        skip = set(self.skip or [])
-        names = {name for node, name, _ in found} | {node.inputs[1].name for node, _, _ in found}
-        unknown = sorted(skip - names)
-        if unknown:
-            raise PipelineSpecError(
-                f"sparsify: skip names unknown layers {unknown}; layers with weights: "
-                f"{', '.join(name for _, name, _ in found) or 'none'}")
-        return [(node, name, w) for node, name, w in found
-                if name not in skip and node.inputs[1].name not in skip]
 
     def _masks(self, layers) -> list[np.ndarray | None]:
         if self.pattern != "unstructured":
