@@ -10,7 +10,7 @@ from slimgraph.passes.pipeline import Pipeline, make_pass
 from slimgraph.passes.prune import PruneChannelsPass, PruneLayersPass
 from slimgraph.passes.quantize import InsertQDQPass
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
-from slimgraph.passes.sparse import ShareWeightsPass, SparsifyPass
+from slimgraph.passes.sparse import FoldSparsePass, ShareWeightsPass, SparsifyPass
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,
@@ -20,6 +20,7 @@ PASSES: dict[str, type[SlimgraphPass]] = {
     HealWeightsPass.name: HealWeightsPass,
     SparsifyPass.name: SparsifyPass,
     ShareWeightsPass.name: ShareWeightsPass,
+    FoldSparsePass.name: FoldSparsePass,
 }
 
 RECIPES: dict[str, str] = {
@@ -44,6 +45,7 @@ __all__ = [
     "PASSES",
     "RECIPES",
     "FoldConstantsPass",
+    "FoldSparsePass",
     "HealWeightsPass",
     "InsertQDQPass",
     "PassReport",

@@ -239,3 +239,72 @@ def test_heal_trains_the_centroids_and_keeps_assignments_and_zeros(tmp_path):
             if got.dtype == np.uint8:
                 assert np.array_equal(got, want), name
     assert moved > 0
+
+
+def _constant_graph(array: np.ndarray) -> ir.Model:
+    """A graph whose output is the initializer ``t`` (through an Identity)."""
+    dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["t"], ["y"], name="out")], "g", [],
+        [helper.make_tensor_value_info("y", dtype, list(array.shape))],
+        initializer=[numpy_helper.from_array(array, "t")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    return ir.from_proto(proto)
+
+
+def test_relative_gaps_fill_long_runs():
+    from slimgraph.passes.sparse.fold import relative_gaps
+
+    gaps, filler = relative_gaps(np.array([0, 3, 600]))
+    assert gaps.tolist() == [1, 3, 255, 255, 87]
+    assert filler.tolist() == [False, False, True, True, False]
+    assert (np.cumsum(gaps.astype(np.int64)) - 1)[~filler].tolist() == [0, 3, 600]
+
+
+@pytest.mark.parametrize("zero_fraction,form", [(0.5, "bitmask"), (0.995, "relative")])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_fold_sparse_decodes_bit_identical(zero_fraction, form, dtype):
+    from slimgraph.passes.sparse import FoldSparsePass
+
+    rng = np.random.default_rng(3)
+    array = (rng.standard_normal((64, 300)) * 50).astype(dtype)
+    array[rng.random(array.shape) < zero_fraction] = 0
+    array[array == 0] = 0
+    if dtype == np.float32:
+        array[0, 1] = -0.0  # a negative zero is a value, and must come back as one
+    p = FoldSparsePass(channels=False)
+    model = p(_constant_graph(array)).model
+    assert "t" not in model.graph.initializers and p.report.counts[f"tensors_{form}"] == 1
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {})[0]
+    assert got.dtype == array.dtype and got.shape == array.shape
+    assert got.tobytes() == array.tobytes()
+    assert len(proto.SerializeToString()) < array.nbytes
+
+
+def test_fold_sparse_leaves_dense_and_tiny_tensors():
+    from slimgraph.passes.sparse import FoldSparsePass
+
+    dense = np.arange(1, 2001, dtype=np.float32).reshape(40, 50)
+    assert not FoldSparsePass(channels=False)(_constant_graph(dense)).modified
+    tiny = np.zeros((4, 4), np.float32)
+    tiny[0, 0] = 1
+    assert not FoldSparsePass(channels=False)(_constant_graph(tiny)).modified
+
+
+def test_fold_sparse_removes_dead_channels_and_keeps_the_outputs():
+    loaded = slimgraph.load("mlp")
+    sparse = Pipeline.parse("fold-constants,sparsify:0.95").run(loaded.model)[0]
+    feeds = {"features": np.concatenate([f["features"] for f in loaded.calibration][:32])}
+    folded, (report,) = Pipeline.parse("fold-sparse").run(ir.from_proto(ir.to_proto(sparse)))
+    assert report.counts["dead_channels"] > 0 and report.counts["bytes_saved"] > 0
+    runs = []
+    for m in (sparse, folded):
+        session = ort.InferenceSession(ir.to_proto(m).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        runs.append(session.run(None, feeds)[0])
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    assert len(ir.to_proto(folded).SerializeToString()) < len(ir.to_proto(sparse).SerializeToString()) / 5

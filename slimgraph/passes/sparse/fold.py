@@ -1,0 +1,170 @@
+"""fold-sparse: remove what sparsity made dead and store sparse initializers compactly.
+
+1. Whole output channels whose weights are all zero go, exactly, through prune-channels' dead
+   channel removal (``channels=false`` skips this; a quantized graph skips it with a note).
+2. Every initializer with zeros (float weights after sparsify, share-weights' byte indices and
+   masks) is stored as its non-zero values plus their positions, as a bitmask or as relative
+   indices (the gap to the previous non-zero, one byte each, a stored zero filling gaps over
+   255, as in Deep Compression), whichever is smaller. It is decoded back to the dense tensor by
+   standard ONNX operators whose inputs are all initializers, so onnxruntime folds the decode once
+   when it loads the model and runs at dense speed::
+
+       bitmask:  Gather([0, values...], CumSum(bits) * bits)     bits = Mod(BitShift(packed, 0..7), 2)
+       relative: ScatterElements(ConstantOfShape(n), CumSum(gaps) - 1, values)
+
+   The decoded tensor is bit-identical to the original (a negative zero counts as a value). Only
+   tensors where the compact form saves bytes are converted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.prune.channels import _QDQ_OPS, PruneChannelsPass
+from slimgraph.passes.quantize.layers import Namer, add_initializer
+
+# Bytes a decode costs beyond its data: small constant initializers and node protos, measured on
+# serialized graphs (about 60-90 bytes per node, 6-8 nodes).
+DECODE_OVERHEAD = 600
+
+
+def _nonzero(array: np.ndarray) -> np.ndarray:
+    """True where an element is not +0 (bit pattern zero): -0.0 is kept as a value."""
+    if array.dtype.kind == "f":
+        return array.view(np.dtype(f"u{array.dtype.itemsize}")) != 0
+    return array != 0
+
+
+def relative_gaps(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaps (1..255, from position -1) that reach every position, and which entries are fillers
+    (a gap of 255 that lands on no position)."""
+    gaps, filler = [], []
+    previous = -1
+    for p in positions.tolist():
+        gap = p - previous
+        while gap > 255:
+            gaps.append(255)
+            filler.append(True)
+            gap -= 255
+        gaps.append(gap)
+        filler.append(False)
+        previous = p
+    return np.asarray(gaps, dtype=np.uint8), np.asarray(filler, dtype=bool)
+
+
+class FoldSparsePass(SlimgraphPass):
+    """Removes all-zero channels and stores sparse initializers as values + positions."""
+
+    name = "fold-sparse"
+
+    def __init__(self, channels: bool = True) -> None:
+        self.channels = channels
+        super().__init__()
+
+    def options(self) -> dict[str, object]:
+        return {} if self.channels else {"channels": False}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        if self.channels:
+            if any(n.op_type in _QDQ_OPS for n in model.graph):
+                self.report.notes.append("fold-sparse: quantized graph, dead channels left in place")
+            else:
+                dead = PruneChannelsPass()
+                modified = dead(model).modified
+                removed = dead.report.counts.get("dead_channels", 0)
+                self.report.count("dead_channels", removed)
+                self.report.notes.extend(dead.report.notes)
+        graph, namer = model.graph, Namer(model.graph)
+        first = next(iter(graph), None)
+        saved = 0
+        for name in list(graph.initializers):
+            value = graph.initializers[name]
+            if value.const_value is None or value.is_graph_input() or first is None:
+                continue
+            array = value.const_value.numpy()
+            if array.ndim == 0 or array.dtype.kind not in "fiu":
+                continue
+            decode = self._encode(graph, namer, name, array)
+            if decode is None:
+                continue
+            nodes, result, stored, form = decode
+            graph.insert_before(first, nodes)
+            value.replace_all_uses_with(result)
+            graph.initializers.pop(name)
+            value.name = None
+            result.name = name
+            result.dtype, result.shape = value.dtype, ir.Shape(array.shape)
+            saved += array.nbytes - stored
+            self.report.count(f"tensors_{form}")
+            self.report.notes.append(f"{name}: {array.nbytes:,} -> {stored:,} bytes ({form}, "
+                                     f"{np.mean(~_nonzero(array)):.3f} zero)")
+            modified = True
+        self.report.count("bytes_saved", saved)
+        return ir.passes.PassResult(model, modified)
+
+    def _encode(self, graph: ir.Graph, namer: Namer, name: str, array: np.ndarray):
+        flat = array.ravel()
+        keep = _nonzero(flat)
+        n, nnz = flat.size, int(keep.sum())
+        if nnz == n:
+            return None
+        item = flat.dtype.itemsize
+        positions = np.flatnonzero(keep)
+        gaps, filler = relative_gaps(positions)
+        bitmask_bytes = (n + 7) // 8 + (nnz + 1) * item
+        relative_bytes = gaps.size * (1 + item)
+        stored = min(bitmask_bytes, relative_bytes)
+        if stored + DECODE_OVERHEAD >= array.nbytes:
+            return None
+        stem = f"{name}.sparse"
+        if bitmask_bytes <= relative_bytes:
+            packed = np.packbits(keep, bitorder="little").reshape(-1, 1)
+            values = np.concatenate([np.zeros(1, flat.dtype), flat[keep]])
+            nodes, out = _bitmask_decode(graph, namer, stem, packed, values, n, array.shape)
+            return nodes, out, bitmask_bytes, "bitmask"
+        values = np.zeros(gaps.size, flat.dtype)
+        values[~filler] = flat[positions]
+        nodes, out = _relative_decode(graph, namer, stem, gaps, values, n, array.shape)
+        return nodes, out, relative_bytes, "relative"
+
+
+def _node(namer: Namer, stem: str, op: str, inputs: list, **attrs) -> ir.Node:
+    return ir.node(op, inputs, attrs or None, name=namer(f"{stem}/{op}"))
+
+
+def _const(graph: ir.Graph, namer: Namer, stem: str, array) -> ir.Value:
+    return add_initializer(graph, namer, stem, np.asarray(array))
+
+
+def _bitmask_decode(graph, namer, stem, packed, values, n, shape):
+    g = lambda base, a: _const(graph, namer, f"{stem}.{base}", a)  # noqa: E731
+    shifted = _node(namer, stem, "BitShift", [g("bits", packed),
+                                              g("shifts", np.arange(8, dtype=np.uint8)[None])],
+                    direction="RIGHT")
+    bit = _node(namer, stem, "Mod", [shifted.outputs[0], g("two", np.array([2], np.uint8))])
+    flat = _node(namer, stem, "Reshape", [bit.outputs[0], g("flat", np.array([-1], np.int64))])
+    cut = _node(namer, stem, "Slice", [flat.outputs[0], g("start", np.array([0], np.int64)),
+                                        g("stop", np.array([n], np.int64))])
+    mask = _node(namer, stem, "Cast", [cut.outputs[0]], to=ir.DataType.INT64)
+    rank = _node(namer, stem, "CumSum", [mask.outputs[0], g("axis", np.array(0, np.int64))])
+    index = _node(namer, stem, "Mul", [mask.outputs[0], rank.outputs[0]])
+    dense = _node(namer, stem, "Gather", [g("values", values), index.outputs[0]], axis=0)
+    out = _node(namer, stem, "Reshape", [dense.outputs[0], g("shape", np.array(shape, np.int64))])
+    return [shifted, bit, flat, cut, mask, rank, index, dense, out], out.outputs[0]
+
+
+def _relative_decode(graph, namer, stem, gaps, values, n, shape):
+    g = lambda base, a: _const(graph, namer, f"{stem}.{base}", a)  # noqa: E731
+    wide = _node(namer, stem, "Cast", [g("gaps", gaps)], to=ir.DataType.INT64)
+    summed = _node(namer, stem, "CumSum", [wide.outputs[0], g("axis", np.array(0, np.int64))])
+    position = _node(namer, stem, "Sub", [summed.outputs[0], g("one", np.array([1], np.int64))])
+    zeros = _node(namer, stem, "ConstantOfShape", [g("length", np.array([n], np.int64))],
+                  value=ir.tensor(np.zeros(1, values.dtype)))
+    scatter = _node(namer, stem, "ScatterElements",
+                    [zeros.outputs[0], position.outputs[0], g("values", values)], axis=0)
+    out = _node(namer, stem, "Reshape", [scatter.outputs[0],
+                                         g("shape", np.array(shape, np.int64))])
+    return [wide, summed, position, zeros, scatter, out], out.outputs[0]
