@@ -77,3 +77,36 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+PACKED = "model.onnx.xz"
+UNPACK = "xz -dk model.onnx.xz"
+
+
+def pack_model(root: Path, model_file: str, stored_weights: bytes,
+               dense_weight_bytes: int) -> dict[str, Any]:
+    """Write ``model_file`` entropy-coded as ``model.onnx.xz`` and return the size facts.
+
+    xz (LZMA2 at preset 9, extreme): it is in Python's standard library and on every system
+    (``xz -dk`` unpacks it), and for a file compressed once and unpacked once its ratio beats
+    zstd's. ``stored_weights`` (the initializers' bytes as stored) are compressed alone with the
+    same settings to give the bytes the weights take packed, as Deep Compression counts them.
+    """
+    import lzma
+
+    preset = 9 | lzma.PRESET_EXTREME
+    data = (root / model_file).read_bytes()
+    packed = lzma.compress(data, preset=preset)
+    (root / PACKED).write_bytes(packed)
+    packed_weights = len(lzma.compress(stored_weights, preset=preset))
+    return {
+        "file": PACKED, "codec": "xz (LZMA2, preset 9e)", "unpack": UNPACK,
+        "dense_fp32_weight_bytes": dense_weight_bytes,
+        "stored_weight_bytes": len(stored_weights),
+        "graph_overhead_bytes": len(data) - len(stored_weights),
+        "model_onnx_bytes": len(data),
+        "packed_bytes": len(packed),
+        "packed_weight_bytes": packed_weights,
+        "weight_compression": round(dense_weight_bytes / max(packed_weights, 1), 2),
+        "file_compression": round(dense_weight_bytes / max(len(packed), 1), 2),
+    }

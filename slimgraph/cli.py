@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.add_argument("--allow-mismatch", action="store_true",
                      help="keep the artifact even if verification exceeds the tolerance")
+    exp.add_argument("--pack", action="store_true",
+                     help="also write model.onnx.xz, entropy-coded (unpack: xz -dk model.onnx.xz)")
     exp.add_argument("--build-only", action="store_true",
                      help="also build backends that cannot run here (tvm-cuda without a GPU), "
                           "unverified")
@@ -169,7 +171,7 @@ def _export(args: argparse.Namespace) -> int:
             calibration=args.calib, inputs=_inputs(args.input), force=args.force,
             allow_mismatch=args.allow_mismatch, build_only=args.build_only, train=args.train,
             task=args.task, texts=_texts(args), on_stage=on_stage,
-            on_progress=lambda text: status.update(f"[bold]{text}[/]"),
+            on_progress=lambda text: status.update(f"[bold]{text}[/]"), pack=args.pack,
         )
     if result.rank:  # a torchrun rank other than 0: it trained, rank 0 writes
         return 0
@@ -189,6 +191,11 @@ def _print_export(console: Console, result) -> None:
                   f"(pipeline: {m['pipeline'] or 'none'})")
     console.print(f"nodes {before['nodes']} → {after['nodes']}, weight bytes "
                   f"{before['weight_bytes']:,} → {after['weight_bytes']:,}")
+    if "pack" in m:
+        p = m["pack"]
+        console.print(f"packed {p['file']}: {p['packed_bytes']:,} bytes (weights "
+                      f"{p['packed_weight_bytes']:,}: {p['weight_compression']}x smaller than "
+                      f"{p['dense_fp32_weight_bytes']:,} dense fp32); unpack: {p['unpack']}")
     table = Table("backend", "output", "max abs err", "max rel err", "cosine", "top-1", "result")
     for name, entry in m["backends"].items():
         ver = entry["verification"]

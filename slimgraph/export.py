@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph import model_stats
-from slimgraph.artifact import MANIFEST, file_hashes, staged_dir, write_json
+from slimgraph.artifact import MANIFEST, file_hashes, pack_model, staged_dir, write_json
 from slimgraph.backends import BuiltArtifact, parse_backend_spec
 from slimgraph.backends.ort import MODEL_FILE
 from slimgraph.errors import SlimgraphError, VerificationError
@@ -76,6 +76,7 @@ def export(
     texts: TextData | None = None,
     on_stage: StageCallback | None = None,
     on_progress: StageCallback | None = None,
+    pack: bool = False,
 ) -> ExportResult:
     """Export MODEL to an artifact directory ``out`` and verify every backend against the float
     reference; raises VerificationError on a mismatch unless ``allow_mismatch``.
@@ -84,6 +85,7 @@ def export(
     GPU) be built; its manifest entry then says it is unverified, and why. ``train`` is an .npz
     of training inputs (+ ``labels``) for ``heal`` passes (default: the model's own training data).
     ``on_progress`` receives transient progress lines (heal's steps) where ``on_stage`` gets stages.
+    ``pack`` also writes ``model.onnx.xz`` (entropy-coded) and records its sizes under "pack".
     ``task`` and ``texts`` (TextData: calibration, evaluation, training text files) apply to a
     Hugging Face model folder.
     """
@@ -203,6 +205,10 @@ def export(
         }
         if loaded.assets:  # what turns text into the inputs: shipped beside model.onnx
             manifest["assets"] = [name for _, name in loaded.assets]
+        if pack:
+            stage("pack")
+            manifest["pack"] = pack_model(root, MODEL_FILE, _stored_weights(ir_model),
+                                          before["weight_bytes"])
         hashes = file_hashes(root)
         for entry in backend_entries.values():
             entry["files"] = {f: hashes[f] for f in [MODEL_FILE, *entry["files"]]}
@@ -253,6 +259,12 @@ def _value_json(value: ir.Value) -> dict[str, Any]:
         d if isinstance(d, int) else (str(d) if d is not None else None) for d in value.shape
     ]
     return {"name": value.name, "dtype": value.dtype.name if value.dtype else None, "shape": shape}
+
+
+def _stored_weights(model: ir.Model) -> bytes:
+    """The initializers' bytes as stored, in graph order."""
+    return b"".join(v.const_value.tobytes() for v in model.graph.initializers.values()
+                    if v.const_value is not None)
 
 
 def _model_facts(model: ir.Model) -> dict[str, Any]:

@@ -32,6 +32,14 @@ def render_report(manifest: dict[str, Any]) -> str:
     for kind in ("inputs", "outputs"):
         for v in manifest[kind]:
             lines.append(f"| {kind[:-1]} | `{v['name']}` | {v['dtype']} | {_shape(v)} |")
+    if "pack" in manifest:
+        p = manifest["pack"]
+        lines += ["", "## Packed", "",
+                  f"`{p['file']}` ({p['codec']}; unpack: `{p['unpack']}`): weights dense fp32 "
+                  f"{p['dense_fp32_weight_bytes']:,} bytes, stored {p['stored_weight_bytes']:,}, "
+                  f"packed {p['packed_weight_bytes']:,} ({p['weight_compression']}x); graph "
+                  f"overhead {p['graph_overhead_bytes']:,}; model.onnx {p['model_onnx_bytes']:,}; "
+                  f"packed file {p['packed_bytes']:,} ({p['file_compression']}x)."]
     if manifest["passes"]:
         lines += ["", "## Passes", "", "| pass | modified | nodes | what it did |",
                   "|---|---|---|---|"]

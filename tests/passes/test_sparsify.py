@@ -308,3 +308,29 @@ def test_fold_sparse_removes_dead_channels_and_keeps_the_outputs():
         runs.append(session.run(None, feeds)[0])
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-5)
     assert len(ir.to_proto(folded).SerializeToString()) < len(ir.to_proto(sparse).SerializeToString()) / 5
+
+
+def test_export_pack_writes_an_xz_that_unpacks_to_the_model(tmp_path):
+    import lzma
+
+    out = tmp_path / "out"
+    assert main(["export", "mlp", "-o", str(out), "--passes",
+                 "fold-constants,sparsify:0.9,fold-sparse", "--pack", "--allow-mismatch",
+                 "--quiet"]) == 0
+    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    facts = manifest["pack"]
+    model_bytes = (out / "model.onnx").read_bytes()
+    packed = (out / "model.onnx.xz").read_bytes()
+    assert lzma.decompress(packed) == model_bytes
+    assert facts["model_onnx_bytes"] == len(model_bytes) and facts["packed_bytes"] == len(packed)
+    assert facts["dense_fp32_weight_bytes"] == manifest["model"]["before"]["weight_bytes"]
+    assert facts["stored_weight_bytes"] + facts["graph_overhead_bytes"] == len(model_bytes)
+    assert facts["weight_compression"] == round(
+        facts["dense_fp32_weight_bytes"] / facts["packed_weight_bytes"], 2)
+    assert facts["weight_compression"] > 10
+    assert "model.onnx.xz" in manifest["files"] and "Packed" in (out / "report.md").read_text()
+    session = ort.InferenceSession(lzma.decompress(packed), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "features"
+    plain = tmp_path / "plain"
+    slimgraph.export("mlp", plain, passes="fold-constants")
+    assert not (plain / "model.onnx.xz").exists()
