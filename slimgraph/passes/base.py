@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from slimgraph.calibration import Calibration
+from slimgraph.errors import PipelineSpecError
 from slimgraph.model_stats import weight_bytes
 from slimgraph.passes.report import EXACT, PassReport, Tolerance
 
@@ -64,3 +65,10 @@ class SlimgraphPass(ir.passes.InPlacePass):
 
 def _node_count(graph: ir.Graph) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))
+
+
+def one_of(where: str, option: str, value: object, choices: tuple) -> None:
+    """Refuse an option value outside ``choices`` with the message every pass gives."""
+    if value not in choices:
+        raise PipelineSpecError(f"{where}: {option} must be one of "
+                                f"{', '.join(map(str, choices))}, got {value!r}")

@@ -37,7 +37,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.model_stats import layer_macs, param_count, weight_bytes
-from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channel_groups import (
     FIXED,
     ChannelGroup,
@@ -99,12 +99,8 @@ class PruneChannelsPass(SlimgraphPass):
         if heads is not None and not 0 <= heads < 1:
             raise PipelineSpecError(f"{where}: heads (the fraction of attention heads to remove) "
                                     f"must be in [0, 1), got {heads}")
-        if importance not in IMPORTANCES:
-            raise PipelineSpecError(f"{where}: importance must be one of {', '.join(IMPORTANCES)}, "
-                                    f"got {importance!r}")
-        if scope not in SCOPES:
-            raise PipelineSpecError(f"{where}: scope must be one of {', '.join(SCOPES)}, "
-                                    f"got {scope!r}")
+        one_of(where, "importance", importance, IMPORTANCES)
+        one_of(where, "scope", scope, SCOPES)
         if round_to < 1:
             raise PipelineSpecError(f"{where}: round_to must be >= 1, got {round_to}")
         self.ratio, self.macs, self.importance, self.round_to = ratio, macs, importance, round_to

@@ -37,7 +37,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from slimgraph.errors import PipelineSpecError
 from slimgraph.model_stats import layer_macs
-from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channel_groups import layer_name
 from slimgraph.passes.prune.channels import LOSSY
 
@@ -329,9 +329,7 @@ class PruneLayersPass(SlimgraphPass):
             raise PipelineSpecError(f"{where}: keep must be >= 0, got {keep}")
         if ratio is not None and not 0 < ratio < 1:
             raise PipelineSpecError(f"{where}: ratio must be in (0, 1), got {ratio}")
-        if importance not in IMPORTANCES:
-            raise PipelineSpecError(f"{where}: importance must be one of {', '.join(IMPORTANCES)}, "
-                                    f"got {importance!r}")
+        one_of(where, "importance", importance, IMPORTANCES)
         self.keep, self.drop, self.ratio, self.importance = keep, drop, ratio, importance
         self.needs_calibration = importance == "output" and drop is None
         self.units: list[Unit] = []

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import PipelineSpecError
-from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channels import LOSSY
 from slimgraph.passes.quantize.layers import Namer, add_initializer
 from slimgraph.passes.sparse.sparsify import SCOPES, refuse_quantized, weighted_layers
@@ -58,9 +58,7 @@ class ShareWeightsPass(SlimgraphPass):
                  iterations: int = 30) -> None:
         if not 1 <= bits <= 8:
             raise PipelineSpecError(f"share-weights: bits must be in 1..8, got {bits}")
-        if scope not in SCOPES:
-            raise PipelineSpecError(f"share-weights: scope must be one of {', '.join(SCOPES)}, "
-                                    f"got {scope!r}")
+        one_of("share-weights", "scope", scope, SCOPES)
         if iterations < 1:
             raise PipelineSpecError(f"share-weights: iterations must be >= 1, got {iterations}")
         self.bits, self.scope, self.skip, self.iterations = bits, scope, skip, iterations

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
-from slimgraph.passes.base import SlimgraphPass
+from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channels import _QDQ_OPS, LOSSY
 from slimgraph.passes.quantize.layers import LAYER_OPS, constant_weight, layer_ids
 
@@ -116,12 +116,8 @@ class SparsifyPass(SlimgraphPass):
     def __init__(self, sparsity: float | None = None, scope: str = "layer",
                  pattern: str = "unstructured", skip: list[str] | None = None) -> None:
         where = "sparsify"
-        if pattern not in PATTERNS:
-            raise PipelineSpecError(f"{where}: pattern must be one of {', '.join(PATTERNS)}, "
-                                    f"got {pattern!r}")
-        if scope not in SCOPES:
-            raise PipelineSpecError(f"{where}: scope must be one of {', '.join(SCOPES)}, "
-                                    f"got {scope!r}")
+        one_of(where, "pattern", pattern, PATTERNS)
+        one_of(where, "scope", scope, SCOPES)
         if pattern != "unstructured":
             n, m = map(int, pattern.split(":"))
             implied = 1 - n / m
