@@ -50,7 +50,7 @@ ROWS = {
     1: ("digits-cnn", "fold-constants,prune-channels:ratio=0.5", "heal:steps=300"),
     2: ("digits-cnn", "fold-constants,quantize:binary", "heal:steps=1000,temperature=2"),
     3: ("minilm", "fold-constants,quantize:int4,block=32", "heal:steps=300,lr=1e-4"),
-    4: ("minilm", "fold-constants,prune-channels:ratio=0.5", "heal:steps=2000,lr=5e-4,hidden=1"),
+    4: ("minilm", "fold-constants,prune-channels:ratio=0.5", "heal:steps=3500,lr=5e-4,hidden=1"),
     5: ("digits-cnn", "fold-constants,prune-channels:ratio=0.5", "heal:steps=300,workers=2"),
 }
 
