@@ -373,10 +373,10 @@ def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 
     """p50 ms of onnxruntime here (CPU by default: all cores, default graph optimisations)."""
     from slimgraph.backends.ort import session_for
     from slimgraph.bench.timing import interleaved
+    from slimgraph.passes.quantize.calibrate import inputs_of
 
     session = session_for(model_bytes, providers=providers)
-    names = {i.name for i in session.get_inputs()}
-    feed = {k: v for k, v in feed.items() if k in names}
+    feed = inputs_of(session, feed)
     return interleaved({"m": lambda: session.run(None, feed)}, warmup=5, repeat=repeat)["m"].p50_ms
 
 
