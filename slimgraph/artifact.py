@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -81,6 +82,7 @@ def _umask() -> int:
 
 PACKED = "model.onnx.xz"
 UNPACK = "xz -dk model.onnx.xz"
+PACK_PRESET = 9 | lzma.PRESET_EXTREME  # xz preset 9, extreme
 
 
 def pack_model(root: Path, model_file: str, stored_weights: bytes,
@@ -92,9 +94,7 @@ def pack_model(root: Path, model_file: str, stored_weights: bytes,
     zstd's. ``stored_weights`` (the initializers' bytes as stored) are compressed alone with the
     same settings to give the bytes the weights take packed, as Deep Compression counts them.
     """
-    import lzma
-
-    preset = 9 | lzma.PRESET_EXTREME
+    preset = PACK_PRESET
     data = (root / model_file).read_bytes()
     packed = lzma.compress(data, preset=preset)
     (root / PACKED).write_bytes(packed)

@@ -4,7 +4,8 @@ The module interprets the graph's nodes in order with the torch functions of ``o
 passes decided stays fixed while the weights move:
 
 - float initializers (more than one element, not a quantization scale) are ``nn.Parameter``s keyed
-  by initializer name; a rank >= 2 one with exact zeros keeps them (a fixed sparsity mask);
+  by initializer name; a rank >= 2 one with exact zeros keeps them (a fixed sparsity mask), and so
+  does entry 0 of a share-weights codebook tagged ``slimgraph.codebook_zero``;
 - ``DequantizeLinear`` of a constant int8 / int4 / int32 tensor reads a float master weight through
   fake-quant at the pass's scales and zero points (straight-through estimator), and is written
   back as integers of the same type with the same scales;
@@ -31,6 +32,7 @@ from slimgraph.errors import UnsupportedOpError
 from slimgraph.heal.ops import OPS, QUANT_RANGES, as_list, expand_qparam, fake_quant, supported
 
 BINARY_WEIGHT_TAG = "slimgraph.binary_weight"  # the quantize pass's tag on a binary decode
+CODEBOOK_ZERO_TAG = "slimgraph.codebook_zero"  # share-weights: the Gather's codebook[0] stays 0
 _INTEGER_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4,
                             ir.DataType.UINT4, ir.DataType.INT32, ir.DataType.INT16})
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -236,6 +238,12 @@ class GraphModule(nn.Module):
                     self._mask_of[key] = self._add_buffer(f"{name}__mask", (tensor != 0).float())
             else:
                 self._buffer_of[name] = self._add_buffer(name, tensor)
+        for node in graph:  # share-weights' codebooks whose entry 0 is a sparse weight's zero
+            key = self._param_of.get(node.inputs[0].name) if node.inputs else None
+            if node.metadata_props.get(CODEBOOK_ZERO_TAG) and key and key not in self._mask_of:
+                mask = torch.ones_like(self.weights[key])
+                mask[0] = 0
+                self._mask_of[key] = self._add_buffer(f"{node.inputs[0].name}__mask", mask)
         special = {q.value.name for q in self.quantized} | {b.bits.name for b in self.binary}
         self.frozen_integer = [  # dynamic int8 MatMulInteger weights, int8 embedding rows
             name for name, value in self._initializers.items()

@@ -235,6 +235,7 @@ def test_heal_trains_the_centroids_and_keeps_assignments_and_zeros(tmp_path):
         want = value.const_value.numpy()
         if "codebook" in name:
             moved += int(np.sum(got != want))
+            assert want[0] == 0 and got[0] == 0  # the zero entry the sparse indices point at
         else:  # indices, masks, biases of a graph heal may not restructure
             if got.dtype == np.uint8:
                 assert np.array_equal(got, want), name
@@ -262,7 +263,8 @@ def test_relative_gaps_fill_long_runs():
     assert (np.cumsum(gaps.astype(np.int64)) - 1)[~filler].tolist() == [0, 3, 600]
 
 
-@pytest.mark.parametrize("zero_fraction,form", [(0.5, "bitmask"), (0.995, "relative")])
+@pytest.mark.parametrize("zero_fraction,form", [(0.5, "bitmask"), (0.995, "relative"),
+                                                (0.9, "auto")])
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 def test_fold_sparse_decodes_bit_identical(zero_fraction, form, dtype):
     from slimgraph.passes.sparse import FoldSparsePass
@@ -273,9 +275,12 @@ def test_fold_sparse_decodes_bit_identical(zero_fraction, form, dtype):
     array[array == 0] = 0
     if dtype == np.float32:
         array[0, 1] = -0.0  # a negative zero is a value, and must come back as one
-    p = FoldSparsePass(channels=False)
+    p = FoldSparsePass(channels=False, positions=form)
     model = p(_constant_graph(array)).model
-    assert "t" not in model.graph.initializers and p.report.counts[f"tensors_{form}"] == 1
+    assert "t" not in model.graph.initializers
+    assert sum(p.report.counts.get(f"tensors_{f}", 0) for f in ("bitmask", "relative")) == 1
+    if form != "auto":
+        assert p.report.counts[f"tensors_{form}"] == 1
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -334,3 +339,24 @@ def test_export_pack_writes_an_xz_that_unpacks_to_the_model(tmp_path):
     plain = tmp_path / "plain"
     slimgraph.export("mlp", plain, passes="fold-constants")
     assert not (plain / "model.onnx.xz").exists()
+
+
+def test_fold_sparse_picks_the_form_that_codes_smaller():
+    """At 12.5% density the bitmask is smaller raw, but its gaps code to fewer bytes under xz."""
+    import lzma
+
+    from slimgraph.passes.sparse import FoldSparsePass
+    from slimgraph.passes.sparse.fold import relative_gaps
+
+    rng = np.random.default_rng(5)
+    array = np.zeros(8192, np.uint8)
+    keep = rng.random(array.size) < 0.125
+    array[keep] = rng.integers(1, 16, int(keep.sum()))
+    gaps, _ = relative_gaps(np.flatnonzero(keep))
+    bits = np.packbits(keep, bitorder="little")
+    assert bits.size < gaps.size  # raw, the bitmask would win
+    xz = [len(lzma.compress(a.tobytes(), preset=9 | lzma.PRESET_EXTREME)) for a in (bits, gaps)]
+    assert xz[1] < xz[0]
+    p = FoldSparsePass(channels=False)
+    p(_constant_graph(array))
+    assert p.report.counts.get("tensors_relative") == 1

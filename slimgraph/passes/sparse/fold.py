@@ -5,7 +5,10 @@
 2. Every initializer with zeros (float weights after sparsify, share-weights' byte indices and
    masks) is stored as its non-zero values plus their positions, as a bitmask or as relative
    indices (the gap to the previous non-zero, one byte each, a stored zero filling gaps over
-   255, as in Deep Compression), whichever is smaller. It is decoded back to the dense tensor by
+   255, as in Deep Compression), whichever is smaller once entropy-coded as ``export --pack``
+   codes it (xz of the positions plus the values: gaps code to fewer bytes than a bitmask of the
+   same density under xz, so raw size alone picks the wrong one); ``positions=bitmask|relative``
+   forces one. It is decoded back to the dense tensor by
    standard ONNX operators whose inputs are all initializers, so onnxruntime folds the decode once
    when it loads the model and runs at dense speed::
 
@@ -18,16 +21,20 @@
 
 from __future__ import annotations
 
+import lzma
+
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.passes.base import SlimgraphPass
+from slimgraph.artifact import PACK_PRESET
+from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channels import _QDQ_OPS, PruneChannelsPass
 from slimgraph.passes.quantize.layers import Namer, add_initializer
 
 # Bytes a decode costs beyond its data: small constant initializers and node protos, measured on
 # serialized graphs (about 60-90 bytes per node, 6-8 nodes).
 DECODE_OVERHEAD = 600
+POSITIONS = ("auto", "bitmask", "relative")
 
 
 def _nonzero(array: np.ndarray) -> np.ndarray:
@@ -59,12 +66,14 @@ class FoldSparsePass(SlimgraphPass):
 
     name = "fold-sparse"
 
-    def __init__(self, channels: bool = True) -> None:
-        self.channels = channels
+    def __init__(self, channels: bool = True, positions: str = "auto") -> None:
+        one_of("fold-sparse", "positions", positions, POSITIONS)
+        self.channels, self.positions = channels, positions
         super().__init__()
 
     def options(self) -> dict[str, object]:
-        return {} if self.channels else {"channels": False}
+        opts = {} if self.channels else {"channels": False}
+        return opts | ({} if self.positions == "auto" else {"positions": self.positions})
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -116,12 +125,12 @@ class FoldSparsePass(SlimgraphPass):
         gaps, filler = relative_gaps(positions)
         bitmask_bytes = (n + 7) // 8 + (nnz + 1) * item
         relative_bytes = gaps.size * (1 + item)
-        stored = min(bitmask_bytes, relative_bytes)
-        if stored + DECODE_OVERHEAD >= array.nbytes:
+        if min(bitmask_bytes, relative_bytes) + DECODE_OVERHEAD >= array.nbytes:
             return None
         stem = f"{name}.sparse"
-        if bitmask_bytes <= relative_bytes:
-            packed = np.packbits(keep, bitorder="little").reshape(-1, 1)
+        packed = np.packbits(keep, bitorder="little").reshape(-1, 1)
+        if self.positions == "bitmask" or self.positions == "auto" and (
+                _coded(packed) + (nnz + 1) * item <= _coded(gaps) + gaps.size * item):
             values = np.concatenate([np.zeros(1, flat.dtype), flat[keep]])
             nodes, out = _bitmask_decode(graph, namer, stem, packed, values, n, array.shape)
             return nodes, out, bitmask_bytes, "bitmask"
@@ -129,6 +138,11 @@ class FoldSparsePass(SlimgraphPass):
         values[~filler] = flat[positions]
         nodes, out = _relative_decode(graph, namer, stem, gaps, values, n, array.shape)
         return nodes, out, relative_bytes, "relative"
+
+
+def _coded(positions: np.ndarray) -> int:
+    """Bytes ``positions`` take entropy-coded, as ``export --pack`` codes them (xz)."""
+    return len(lzma.compress(positions.tobytes(), preset=PACK_PRESET))
 
 
 def _node(namer: Namer, stem: str, op: str, inputs: list, **attrs) -> ir.Node:

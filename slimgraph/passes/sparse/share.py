@@ -4,14 +4,18 @@ Each Conv/Gemm/MatMul weight's non-zero values are clustered into ``2**bits`` ce
 k-means (linear initialisation over [min, max], which Han et al. found best, then Lloyd steps).
 The weight becomes::
 
-    W = Gather(codebook[2**bits], Cast<int64>(index[uint8, W's shape]))   (x Cast<float>(nonzero))
+    W = Gather(codebook, Cast<int64>(index))      index: uint8 (uint16 past 255 entries), W's shape
 
-``index`` holds one byte per weight (an entropy coder packs it to about ``bits`` bits); a weight
-with zeros (after sparsify) multiplies by a ``nonzero`` byte mask, so the zeros stay exact. Every
-input is an initializer, so onnxruntime folds the decode once when it loads the model and runs
-at dense speed. ``scope=layer`` gives each layer its own codebook, ``scope=global`` one shared by
-all. Heal trains the codebook (the gradient of every weight in a cluster sums into its centroid,
-as in Deep Compression) and keeps the assignments and the zeros: they are integer initializers.
+A weight with zeros (after sparsify) gets a codebook whose entry 0 is an exact zero and the
+centroids after it, so its index is itself sparse (0 where the weight is zero) and fold-sparse
+stores it once: positions plus ``bits``-bit codes, as Deep Compression stores them. The Gather
+is tagged ``slimgraph.codebook_zero`` and heal holds that entry at zero. Every input is an
+initializer, so onnxruntime folds the decode once when it loads the model and runs at dense
+speed. ``scope=layer`` gives each layer its own codebook, ``scope=global`` one shared by all.
+Heal trains the codebook (the gradient of every weight in a cluster sums into its centroid, as
+in Deep Compression) and keeps the assignments and the zeros: they are integer initializers.
+``biases=true`` clusters each layer's bias with its weights (the same codebook): on a small
+model the float biases are a large part of what is left once the weights are coded.
 Run it after the passes that rewrite weights (a later fold-constants would fold the decode back
 into a dense tensor).
 """
@@ -26,6 +30,8 @@ from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channels import LOSSY
 from slimgraph.passes.quantize.layers import Namer, add_initializer
 from slimgraph.passes.sparse.sparsify import SCOPES, refuse_quantized, weighted_layers
+
+CODEBOOK_ZERO_TAG = "slimgraph.codebook_zero"  # on a Gather whose codebook entry 0 is a fixed zero
 
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -55,17 +61,18 @@ class ShareWeightsPass(SlimgraphPass):
     tolerance = LOSSY
 
     def __init__(self, bits: int = 4, scope: str = "layer", skip: list[str] | None = None,
-                 iterations: int = 30) -> None:
+                 iterations: int = 30, biases: bool = False) -> None:
         if not 1 <= bits <= 8:
             raise PipelineSpecError(f"share-weights: bits must be in 1..8, got {bits}")
         one_of("share-weights", "scope", scope, SCOPES)
         if iterations < 1:
             raise PipelineSpecError(f"share-weights: iterations must be >= 1, got {iterations}")
         self.bits, self.scope, self.skip, self.iterations = bits, scope, skip, iterations
+        self.biases = biases
         super().__init__()
 
     def options(self) -> dict[str, object]:
-        defaults = {"bits": 4, "scope": "layer", "skip": None, "iterations": 30}
+        defaults = {"bits": 4, "scope": "layer", "skip": None, "iterations": 30, "biases": False}
         opts = super().options()
         return {k: ("+".join(v) if isinstance(v, list) else v) for k, v in opts.items()
                 if v != defaults[k]}
@@ -77,47 +84,71 @@ class ShareWeightsPass(SlimgraphPass):
             return ir.passes.PassResult(model, False)
         k = 2**self.bits
         graph, namer = model.graph, Namer(model.graph)
+        sparse = any(not (w != 0).all() for _, _, w in layers)
+        biases = {node: _bias(node) if self.biases else None for node, _, _ in layers}
         shared = None
         if self.scope == "global":
-            values = np.concatenate([w[w != 0] for _, _, w in layers])
+            values = np.concatenate([w[w != 0] for _, _, w in layers]
+                                    + [b for b in biases.values() if b is not None])
             centroids, _ = kmeans_1d(values, k, self.iterations)
-            shared = add_initializer(graph, namer, "shared_codebook", centroids)
-        first = next(iter(graph))
+            shared = add_initializer(graph, namer, "shared_codebook", _with_zero(centroids, sparse))
+        self._first = next(iter(graph))
         for node, name, w in layers:
-            nonzero = w != 0
-            if self.scope == "global":
+            nonzero, bias = w != 0, biases[node]
+            offset = int(sparse if shared is not None else not nonzero.all())
+            pool = w[nonzero] if bias is None else np.concatenate([w[nonzero], bias])
+            if shared is not None:
                 codebook = shared
-                edges = (centroids[1:] + centroids[:-1]) / 2
-                assign = np.searchsorted(edges, w[nonzero])
+                assign = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, pool)
             else:
-                centroids, assign = kmeans_1d(w[nonzero], k, self.iterations)
-                codebook = add_initializer(graph, namer, f"{name}.codebook", centroids)
-            index = np.zeros(w.shape, dtype=np.uint8)
-            index[nonzero] = assign
-            weight = node.inputs[1]
-            stem = weight.name
-            idx = add_initializer(graph, namer, f"{stem}.index", index)
-            cast = ir.node("Cast", [idx], {"to": ir.DataType.INT64}, name=namer(f"{stem}/cast"))
-            gather = ir.node("Gather", [codebook, cast.outputs[0]], {"axis": 0},
-                             name=namer(f"{stem}/gather"))
-            nodes, result = [cast, gather], gather.outputs[0]
-            if not nonzero.all():
-                mask = add_initializer(graph, namer, f"{stem}.nonzero", nonzero.astype(np.uint8))
-                to_float = ir.node("Cast", [mask], {"to": ir.DataType.FLOAT},
-                                   name=namer(f"{stem}/mask"))
-                mul = ir.node("Mul", [result, to_float.outputs[0]], name=namer(f"{stem}/masked"))
-                nodes += [to_float, mul]
-                result = mul.outputs[0]
-            result.dtype, result.shape = ir.DataType.FLOAT, ir.Shape(w.shape)
-            graph.insert_before(first, nodes)
-            weight.replace_all_uses_with(result)
-            graph.initializers.pop(stem)
-            weight.name = None
-            result.name = stem  # the decoded tensor keeps the weight's name
-            decoded = centroids[index] * nonzero
+                centroids, assign = kmeans_1d(pool, k, self.iterations)
+                codebook = add_initializer(graph, namer, f"{name}.codebook",
+                                           _with_zero(centroids, bool(offset)))
+            dtype = np.uint8 if k + offset <= 256 else np.uint16
+            index = np.zeros(w.shape, dtype=dtype)
+            index[nonzero] = assign[:int(nonzero.sum())] + offset
+            decoded = self._decode(graph, namer, node.inputs[1], codebook, index, offset)
             err = float(np.abs(decoded - w).max() / max(float(np.abs(w).max()), 1e-12))
-            self.report.notes.append(f"{name}: {int(nonzero.sum()):,} weights in {k} clusters, "
-                                     f"max relative error {err:.4f}")
+            note = (f"{name}: {int(nonzero.sum()):,} weights in {k} clusters, "
+                    f"max relative error {err:.4f}")
+            if bias is not None:
+                codes = (assign[int(nonzero.sum()):] + offset).astype(dtype)
+                self._decode(graph, namer, node.inputs[2], codebook, codes, offset)
+                note += f", and its {bias.size} biases"
+            self.report.notes.append(note)
         self.report.count("layers", len(layers))
         self.report.count("codebook_entries", k * (1 if shared is not None else len(layers)))
         return ir.passes.PassResult(model, True)
+
+    def _decode(self, graph: ir.Graph, namer: Namer, value: ir.Value, codebook: ir.Value,
+                index: np.ndarray, offset: int) -> np.ndarray:
+        """Replace the initializer ``value`` by ``Gather(codebook, Cast(index))``; return the
+        tensor it decodes to."""
+        stem = value.name
+        idx = add_initializer(graph, namer, f"{stem}.index", index)
+        cast = ir.node("Cast", [idx], {"to": ir.DataType.INT64}, name=namer(f"{stem}/cast"))
+        gather = ir.node("Gather", [codebook, cast.outputs[0]], {"axis": 0},
+                         name=namer(f"{stem}/gather"))
+        if offset:
+            gather.metadata_props[CODEBOOK_ZERO_TAG] = "1"
+        result = gather.outputs[0]
+        result.dtype, result.shape = ir.DataType.FLOAT, ir.Shape(index.shape)
+        graph.insert_before(self._first, [cast, gather])
+        value.replace_all_uses_with(result)
+        graph.initializers.pop(stem)
+        value.name = None
+        result.name = stem  # the decoded tensor keeps the initializer's name
+        return codebook.const_value.numpy()[index]
+
+
+def _bias(node: ir.Node) -> np.ndarray | None:
+    """The layer's constant float bias (Conv/Gemm input 2), if it has one."""
+    if len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].const_value is None:
+        return None
+    bias = node.inputs[2].const_value.numpy()
+    return bias if bias.dtype == np.float32 and len(node.inputs[2].uses()) == 1 else None
+
+
+def _with_zero(centroids: np.ndarray, zero: bool) -> np.ndarray:
+    """The codebook: the centroids, after an exact-zero entry 0 when the weights have zeros."""
+    return np.concatenate([np.zeros(1, np.float32), centroids]) if zero else centroids
