@@ -140,11 +140,18 @@ def test_bad_options(spec, message):
         Pipeline.parse(spec)
 
 
-def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("spec,message", [
+    ("sparsify:1.5", "sparsity must be in"),
+    ("sparsify:0.5,pattern=1:3", "pattern must be one of"),
+    ("sparsify:0.5,skip=nope", "skip names unknown layers"),
+    ("share-weights:bits=9", "bits must be in 1..8"),
+    ("share-weights:skip=nope", "skip names unknown layers"),
+    ("fold-sparse:positions=csr", "positions must be one of"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, spec, message):
     out = tmp_path / "out"
-    assert main(["export", "mlp", "-o", str(out), "--passes", "sparsify:1.5", "--quiet"]) == 2
-    assert main(["export", "mlp", "-o", str(out), "--passes", "sparsify:0.5,skip=nope",
-                 "--quiet"]) == 2
+    assert main(["export", "mlp", "-o", str(out), "--passes", spec, "--pack", "--quiet"]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
