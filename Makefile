@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: an unpinned torch pulls a several-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,tvm,dev]'
+	$(BIN)/pip install -q -e '.[torch,tvm,dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

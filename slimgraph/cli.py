@@ -102,6 +102,39 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("-o", "--out", default="advise", help="directory for advise.json, roofline.png")
     _add_output_flags(adv)
 
+    part = sub.add_parser("partition", help="cut MODEL into pipeline stages balanced by measured "
+                          "time (or weight bytes), each a valid ONNX model", formatter_class=fmt)
+    part.add_argument("model", help=model_help + "; or an artifact")
+    part.add_argument("--stages", type=int, help="number of stages (default with "
+                      "--max-stage-bytes: the fewest that fit)")
+    part.add_argument("--balance", default="time", help="time or memory (weight bytes)")
+    part.add_argument("--max-stage-bytes", type=int, metavar="B",
+                      help="cap on each stage's weight bytes")
+    part.add_argument("--batch", type=int, default=16, help="micro-batch size to balance for")
+    part.add_argument("--threads", type=int, default=1, help="intra-op threads per stage")
+    part.add_argument("--calib", metavar="FILE.npz", help="inputs to profile on")
+    part.add_argument("-o", "--out", default="slimgraph-pipeline", help="directory to write")
+    part.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_output_flags(part)
+
+    r = sub.add_parser("run", help="batch inference of an artifact over a dataset: one process, "
+                       "Ray replicas (--workers) or a Ray pipeline (a partitioned artifact)",
+                       formatter_class=fmt)
+    r.add_argument("artifact", help="an export or partition directory, or an .onnx file")
+    r.add_argument("--data", required=True, metavar="IN.npz",
+                   help="arrays named after the model's inputs, samples on axis 0")
+    r.add_argument("-o", "--out", required=True, metavar="OUT.npz", help="outputs, in input order")
+    r.add_argument("--batch", type=int, default=16, help="samples per batch (micro-batch)")
+    r.add_argument("--workers", type=int, help="data parallel over W Ray actors")
+    r.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="join an existing Ray cluster (default: start a local one when needed)")
+    r.add_argument("--threads", type=int,
+                   help="intra-op threads per session (default: each actor's CPU share)")
+    r.add_argument("--local", action="store_true",
+                   help="run a partitioned artifact's stages in order in this process")
+    r.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_output_flags(r)
+
     for name, what in (("passes", "the registered passes and recipes"),
                        ("backends", "the backends and whether they run here")):
         p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
@@ -139,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return {"export": _export, "inspect": _inspect, "bench": _bench, "passes": _passes,
-                "backends": _backends, "advise": _advise}[args.command](args)
+                "backends": _backends, "advise": _advise, "partition": _partition,
+                "run": _run}[args.command](args)
     except SlimgraphError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
@@ -418,3 +452,45 @@ def _backends(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from slimgraph.parallel import partition
+
+    console = Console(stderr=True, quiet=args.quiet or args.json)
+    with console.status("profiling and cutting"):
+        result = partition(args.model, args.out, stages=args.stages, balance=args.balance,
+                           max_stage_bytes=args.max_stage_bytes, batch=args.batch,
+                           threads=args.threads, calibration=args.calib, force=args.force)
+    if args.json:
+        print(json.dumps(result.pipeline, indent=2))
+    elif not args.quiet:
+        table = Table("stage", "nodes", "weight bytes", "measured ms", "bytes/sample to next",
+                      title=f"{result.out}: {len(result.pipeline['stages'])} stages, slowest / "
+                            f"fastest {result.pipeline['spread']}x")
+        for i, s in enumerate(result.pipeline["stages"]):
+            table.add_row(str(i), f"{s['start']}-{s['end'] - 1}", f"{s['weight_bytes']:,}",
+                          f"{s['measured_ms']:.3g}", f"{s['out_bytes_per_sample']:,}")
+        Console().print(table)
+        check = result.manifest["verification"]
+        Console().print(f"verified: pipelined outputs vs the whole model, max abs diff "
+                        f"{check['max_abs_diff']:.3g} on {check['feeds']} feeds")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slimgraph.parallel.run import run
+
+    result = run(args.artifact, args.data, args.out, batch=args.batch, workers=args.workers,
+                 ray_address=args.ray, local=args.local, threads=args.threads,
+                 progress=not (args.quiet or args.json), force=args.force)
+    summary = {"out": str(result.out), "samples": result.samples, "mode": result.mode,
+               "actors": result.actors, "seconds": round(result.seconds, 3),
+               "samples_per_s": round(result.samples_per_s, 1)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        Console().print(f"{result.samples} samples -> {result.out} ({result.mode}"
+                        f"{f', {result.actors} actors' if result.actors else ''}): "
+                        f"{result.seconds:.2f} s, {result.samples_per_s:.1f} samples/s")
+    return 0
