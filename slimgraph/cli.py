@@ -486,11 +486,13 @@ def _run(args: argparse.Namespace) -> int:
                  progress=not (args.quiet or args.json), force=args.force)
     summary = {"out": str(result.out), "samples": result.samples, "mode": result.mode,
                "actors": result.actors, "seconds": round(result.seconds, 3),
+               "setup_seconds": result.setup_seconds,
                "samples_per_s": round(result.samples_per_s, 1)}
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
         Console().print(f"{result.samples} samples -> {result.out} ({result.mode}"
                         f"{f', {result.actors} actors' if result.actors else ''}): "
-                        f"{result.seconds:.2f} s, {result.samples_per_s:.1f} samples/s")
+                        f"{result.seconds:.2f} s, {result.samples_per_s:.1f} samples/s "
+                        f"(+ {result.setup_seconds:.1f} s to start)")
     return 0

@@ -35,10 +35,11 @@ import onnx_ir as ir
 from slimgraph.errors import InputSpecError
 
 # Shipping a tensor between two Ray actors on one host goes through the shared-memory object
-# store: ~0.3 ms per hop plus ~1 GB/s for the copy in and out (measured with numpy arrays of
-# 0.1-50 MB between two local actors, Ray 2.60). The cut search only needs the order of magnitude.
-HOP_MS = 0.3
-BYTES_PER_MS = 1.0e6
+# store: measured here (benchmarks/results/parallel.md, "ship"; Ray 2.60, 2 cores) at 1.5 ms for
+# a call with 4 KB, then about 0.5 ms per MB (3.7 ms for 1 MB, 33 ms for 64 MB). The fixed part
+# is paid by every stage's call alike, so only the bytes weigh on where a cut goes: the producer
+# copies its outputs into the store before its call returns.
+BYTES_PER_MS = 2.0e6
 
 
 @dataclasses.dataclass
@@ -182,7 +183,7 @@ def _initializer_bytes(model: ir.Model, name: str) -> int:
 
 
 def _ship_ms(nbytes: float) -> float:
-    return HOP_MS + nbytes / BYTES_PER_MS
+    return nbytes / BYTES_PER_MS
 
 
 def _value_bytes(model: ir.Model, sample: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
@@ -249,8 +250,9 @@ def best_cuts(cost: np.ndarray, ship: np.ndarray, stages: int, weights: np.ndarr
 
 
 def measure_stage(model: ir.Model, feed: dict[str, np.ndarray], threads: int,
-                  repeat: int = 30) -> float:
-    """Median milliseconds of one run of ``model`` as a stage session (optimisations on)."""
+                  repeat: int = 30, budget_s: float = 2.0) -> float:
+    """Median milliseconds of one run of ``model`` as a stage session (optimisations on): up to
+    ``repeat`` runs, fewer when they would take more than ``budget_s`` (at least 7)."""
     from slimgraph.backends.ort import session_for
 
     session = session_for(ir.to_proto(model).SerializeToString(),
@@ -258,9 +260,11 @@ def measure_stage(model: ir.Model, feed: dict[str, np.ndarray], threads: int,
     names = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feed.items() if k in names}
     for _ in range(3):
+        t0 = time.perf_counter()
         session.run(None, inputs)
+        once = time.perf_counter() - t0
     samples = []
-    for _ in range(repeat):
+    for _ in range(max(7, min(repeat, int(budget_s / max(once, 1e-6))))):
         t0 = time.perf_counter()
         session.run(None, inputs)
         samples.append(time.perf_counter() - t0)
@@ -285,7 +289,7 @@ def run_stages(models: Sequence[ir.Model] | Sequence[Any], stages: Sequence[Stag
 
 def plan(model: ir.Model, feed: dict[str, np.ndarray], sample: dict[str, np.ndarray], *,
          stages: int | None, balance: str = "time", max_stage_bytes: int | None = None,
-         threads: int = 1, refine: int = 3) -> tuple[Plan, dict[str, Any]]:
+         threads: int = 1, refine: int = 3, moves: int = 8) -> tuple[Plan, dict[str, Any]]:
     """Cut ``model`` into stages, measured on ``feed`` (a micro-batch) and sized on ``sample``
     (batch 1). Returns the plan and search facts (rounds, predicted and measured times)."""
     model = model.clone()
@@ -307,8 +311,30 @@ def plan(model: ir.Model, feed: dict[str, np.ndarray], sample: dict[str, np.ndar
     if not 1 <= stages <= n:
         raise InputSpecError(f"partition: --stages {stages} is more than the {n} nodes of the graph "
                              f"allow ({n - 1} possible cuts); give at most {n}")
-    history, best = [], None
     scaled = times.copy()
+    cache: dict[tuple[int, int], float] = {}
+
+    def evaluate(cuts: list[int]) -> Plan:
+        """The stages for ``cuts``, each measured as its own session (once per node range)."""
+        bounds = [0, *cuts, n]
+        staged = [cuts_of.stage(a, b, scaled, batch) for a, b in itertools.pairwise(bounds)]
+        models = [cuts_of.extract(st) for st in staged]
+        _, envs = run_stages(models, staged, feed)
+        for st, m, env in zip(staged, models, envs, strict=True):
+            key = (st.start, st.end)
+            if key not in cache:
+                cache[key] = round(measure_stage(m, env, threads), 4)
+            st.measured_ms = cache[key]
+        return Plan(staged, models)
+
+    def record(kind: str, candidate: Plan) -> None:
+        history.append({"step": kind, "cuts": [st.start for st in candidate.stages[1:]],
+                        "predicted_ms": [st.predicted_ms for st in candidate.stages],
+                        "measured_ms": [st.measured_ms for st in candidate.stages],
+                        "spread": round(candidate.spread, 3)})
+
+    history: list[dict[str, Any]] = []
+    best: Plan | None = None
     for round_ in range(max(1, refine)):
         if balance == "memory":
             cuts = best_cuts(weights, np.zeros(n + 1), stages, weights, max_stage_bytes)
@@ -316,25 +342,18 @@ def plan(model: ir.Model, feed: dict[str, np.ndarray], sample: dict[str, np.ndar
             cuts = best_cuts(scaled, ship, stages, weights, max_stage_bytes)
         if cuts is None:
             raise InputSpecError(_too_big(model, max_stage_bytes, stages))
-        bounds = [0, *cuts, n]
-        staged = [cuts_of.stage(a, b, scaled, batch) for a, b in itertools.pairwise(bounds)]
-        models = [cuts_of.extract(s) for s in staged]
-        _, envs = run_stages(models, staged, feed)
-        for s, m, env in zip(staged, models, envs, strict=True):
-            s.measured_ms = round(measure_stage(m, env, threads), 4)
-        candidate = Plan(staged, models)
-        history.append({"round": round_, "cuts": cuts,
-                        "predicted_ms": [s.predicted_ms for s in staged],
-                        "measured_ms": [s.measured_ms for s in staged],
-                        "spread": round(candidate.spread, 3)})
-        if best is None or max(s.measured_ms for s in staged) < max(
-                s.measured_ms for s in best.stages):
+        candidate = evaluate(cuts)
+        record(f"program {round_}", candidate)
+        if best is None or _slowest(candidate) < _slowest(best):
             best = candidate
         if balance == "memory" or candidate.spread <= 1.05:
             break
-        for s in staged:  # scale each stage's node times to what its session measured
-            if s.predicted_ms > 0:
-                scaled[s.start:s.end] *= s.measured_ms / s.predicted_ms
+        for st in candidate.stages:  # scale each stage's node times to what its session measured
+            if st.predicted_ms > 0:
+                scaled[st.start:st.end] *= st.measured_ms / st.predicted_ms
+    assert best is not None
+    if balance == "time" and stages > 1:
+        best = _shift_cuts(best, evaluate, record, scaled, weights, max_stage_bytes, moves)
     assert best is not None
     if max_stage_bytes is not None:
         over = [i for i, s in enumerate(best.stages) if s.weight_bytes > max_stage_bytes]
@@ -343,6 +362,61 @@ def plan(model: ir.Model, feed: dict[str, np.ndarray], sample: dict[str, np.ndar
                                  "weight bytes once shared initializers are counted in each")
     return best, {"nodes": n, "batch": batch, "threads": threads, "rounds": history,
                   "profiled_ms": round(float(times.sum()), 4)}
+
+
+def _slowest(candidate: Plan) -> float:
+    """What bounds the pipeline's rate: the slowest stage with the shipping of its output."""
+    return max(st.measured_ms + st.ship_ms for st in candidate.stages)
+
+
+def _shift_cuts(best: Plan, evaluate, record, scaled: np.ndarray, weights: np.ndarray,
+                max_bytes: int | None, moves: int) -> Plan:
+    """Local refinement on measured times. For every cut, a candidate moves it towards the
+    costlier of its two stages by nodes worth about half their gap (in profiled node time, scaled
+    by measured / profiled; at least one node). The candidate with the fastest slowest stage is
+    kept if it beats the plan by 1%; otherwise the steps are halved. Stops after ``moves``
+    candidates rounds, or when every step is down to nothing."""
+    fraction = 0.5
+    for _ in range(moves):
+        stages = best.stages
+        cost = [st.measured_ms + st.ship_ms for st in stages]
+        cuts = [st.start for st in stages[1:]]
+        tried = []
+        for j in range(len(cuts)):
+            left, right = stages[j], stages[j + 1]
+            gap = (cost[j] - cost[j + 1]) * fraction
+            donor = left if gap > 0 else right
+            rate = donor.predicted_ms / donor.measured_ms if donor.measured_ms else 1.0
+            order = (range(donor.end - 1, donor.start, -1) if gap > 0
+                     else range(donor.start, donor.end - 1))
+            taken, step = 0.0, 0
+            for i in order:
+                if taken >= abs(gap) * rate and step:
+                    break
+                taken += scaled[i]
+                step += 1
+            if step == 0 or abs(gap) < 0.01 * max(cost):
+                continue
+            moved = list(cuts)
+            moved[j] += -step if gap > 0 else step
+            bounds = [0, *moved, len(scaled)]
+            if max_bytes is not None and any(weights[a:b].sum() > max_bytes
+                                             for a, b in itertools.pairwise(bounds)):
+                continue
+            if all(a < b for a, b in itertools.pairwise(bounds)):
+                candidate = evaluate(moved)
+                record("shift", candidate)
+                tried.append(candidate)
+        if not tried:
+            break
+        top = min(tried, key=_slowest)
+        if _slowest(top) < _slowest(best) * 0.99:
+            best = top
+        else:
+            fraction /= 2
+            if fraction < 0.1:
+                break
+    return best
 
 
 def fewest_stages(weights: np.ndarray, cap: float) -> int | None:

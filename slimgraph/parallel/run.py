@@ -41,9 +41,10 @@ class RunResult:
     out: Path | None
     outputs: dict[str, np.ndarray]
     samples: int
-    seconds: float
+    seconds: float  # from the sessions (actors) being ready to the last output
     mode: str  # "local", "local pipeline", "ray replicas", "ray pipeline"
     actors: int
+    setup_seconds: float = 0.0  # starting Ray, the actors and their sessions
 
     @property
     def samples_per_s(self) -> float:
@@ -216,10 +217,11 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
                          configure_logging=False)
             cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             if art.stages is not None:
-                results, actors = _ray_pipeline(ray, art, batches, threads, bar, on_result)
+                results, actors, ready = _ray_pipeline(ray, art, batches, threads, bar,
+                                                       on_result)
                 mode = "ray pipeline"
             else:
-                results, actors = _ray_replicas(ray, art, batches, workers or 1,
+                results, actors, ready = _ray_replicas(ray, art, batches, workers or 1,
                                                 threads or max(1, cpus // (workers or 1)), bar,
                                                 on_result)
                 mode = "ray replicas"
@@ -229,7 +231,7 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
     else:
         runners = [StageRunner(m, threads or os.cpu_count() or 1, s)
                    for m, s in zip(art.models, art.stages or [None], strict=True)]
-        results = []
+        results, ready = [], time.perf_counter()
         for b in batches:
             env = b
             for r in runners:
@@ -237,12 +239,13 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
             results.append(env)
             bar.update(next(iter(b.values())).shape[0])
         mode, actors = ("local pipeline" if art.stages else "local"), 0
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - ready
     bar.close()
     outputs = {name: np.concatenate([r[name] for r in results]) for name in art.outputs}
     if out is not None:
         save_outputs(out, outputs)
-    return RunResult(Path(out) if out is not None else None, outputs, samples, seconds, mode, actors)
+    return RunResult(Path(out) if out is not None else None, outputs, samples, seconds, mode, actors,
+                     round(ready - start, 3))
 
 
 class _NoBar:
@@ -309,6 +312,8 @@ def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int
     model = ray.put(art.models[0])
     share = _cpu_share(ray, workers)
     actors = [_actor_class(ray, share).remote(model, threads) for _ in range(workers)]
+    ray.get([a.pid.remote() for a in actors])  # sessions loaded: the timed part starts
+    ready = time.perf_counter()
     results: list[dict | None] = [None] * len(batches)
     pending: dict[Any, tuple[int, Any]] = {}  # ref -> (batch index, actor)
     queue = list(range(len(batches)))[::-1]
@@ -334,7 +339,7 @@ def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int
             on_result(done, actors)
         if queue:
             submit(actor)
-    return results, len(actors)
+    return results, len(actors), ready
 
 
 def _ray_pipeline(ray, art: _Artifact, batches: list, threads: int | None, bar,
@@ -343,6 +348,8 @@ def _ray_pipeline(ray, art: _Artifact, batches: list, threads: int | None, bar,
     threads = threads or max(1, int(share))
     actors = [_actor_class(ray, share).remote(ray.put(m), threads, s)
               for m, s in zip(art.models, art.stages, strict=True)]
+    ray.get([a.pid.remote() for a in actors])
+    ready = time.perf_counter()
     limit = len(actors) + 1  # micro-batches in flight: enough to fill every stage
     results: list[dict | None] = [None] * len(batches)
     pending: dict[Any, int] = {}
@@ -363,4 +370,4 @@ def _ray_pipeline(ray, art: _Artifact, batches: list, threads: int | None, bar,
         bar.update(next(iter(batches[i].values())).shape[0])
         if on_result:
             on_result(done, actors)
-    return results, len(actors)
+    return results, len(actors), ready
