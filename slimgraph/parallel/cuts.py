@@ -83,7 +83,6 @@ class GraphCuts:
             if not node.name:
                 node.name = f"node_{i}"
         self.n = len(self.nodes)
-        position = {node: i for i, node in enumerate(self.nodes)}
         self.reads = [_reads(node) for node in self.nodes]
         self.made_at: dict[str, int] = {v.name: -1 for v in model.graph.inputs}
         self.last_read: dict[str, int] = {}
@@ -98,7 +97,6 @@ class GraphCuts:
             self.last_read[value.name] = self.n
         self.bytes_per_sample = _value_bytes(model, sample, list(self.last_read))
         self.weights = _node_weights(self.nodes)
-        self.position = position
 
     def first_use_bytes(self) -> np.ndarray:
         """Weight bytes per node, each initializer counted at its first user."""

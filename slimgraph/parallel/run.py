@@ -264,14 +264,6 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="sample", disable=not enabled, file=sys.stderr, leave=False)
 
 
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _ray(address: str | None):
     """The ray module, connected to ``address`` ("auto" or HOST:PORT) when one is given."""
     try:
@@ -308,7 +300,7 @@ def _actor_class(ray, cpus: float):
 
 
 def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int, bar,
-                  on_result) -> tuple[list, int]:
+                  on_result) -> tuple[list, int, float]:
     model = ray.put(art.models[0])
     share = _cpu_share(ray, workers)
     actors = [_actor_class(ray, share).remote(model, threads) for _ in range(workers)]
@@ -328,13 +320,8 @@ def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int
                 submit(actor)
     done = 0
     while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        i, actor = pending.pop(ref)
-        if results[i] is not None:
-            raise RuntimeError(f"batch {i} came back twice")
-        results[i] = ray.get(ref)
+        _, actor = _collect(ray, pending, results, batches, bar)
         done += 1
-        bar.update(next(iter(batches[i].values())).shape[0])
         if on_result:
             on_result(done, actors)
         if queue:
@@ -342,8 +329,22 @@ def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int
     return results, len(actors), ready
 
 
+def _collect(ray, pending: dict[Any, tuple[int, Any]], results: list, batches: list,
+             bar) -> tuple[int, Any]:
+    """Wait for the next finished batch, put it in its own slot (a second arrival is an error),
+    advance the bar; return what ``pending`` held for it: (batch index, its actor or None)."""
+    (ref,), _ = ray.wait(list(pending), num_returns=1)
+    held = pending.pop(ref)
+    i = held[0]
+    if results[i] is not None:
+        raise RuntimeError(f"batch {i} came back twice")
+    results[i] = ray.get(ref)
+    bar.update(next(iter(batches[i].values())).shape[0])
+    return held
+
+
 def _ray_pipeline(ray, art: _Artifact, batches: list, threads: int | None, bar,
-                  on_result) -> tuple[list, int]:
+                  on_result) -> tuple[list, int, float]:
     share = _cpu_share(ray, len(art.models))
     threads = threads or max(1, int(share))
     actors = [_actor_class(ray, share).remote(ray.put(m), threads, s)
@@ -352,22 +353,17 @@ def _ray_pipeline(ray, art: _Artifact, batches: list, threads: int | None, bar,
     ready = time.perf_counter()
     limit = len(actors) + 1  # micro-batches in flight: enough to fill every stage
     results: list[dict | None] = [None] * len(batches)
-    pending: dict[Any, int] = {}
+    pending: dict[Any, tuple[int, None]] = {}  # ref -> (micro-batch index, no one actor)
     done, nxt = 0, 0
     while nxt < len(batches) or pending:
         while nxt < len(batches) and len(pending) < limit:
             ref = batches[nxt]
             for actor in actors:
                 ref = actor.run.remote(ref)
-            pending[ref] = nxt
+            pending[ref] = (nxt, None)
             nxt += 1
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ref)
-        if results[i] is not None:
-            raise RuntimeError(f"micro-batch {i} came back twice")
-        results[i] = ray.get(ref)
+        _collect(ray, pending, results, batches, bar)
         done += 1
-        bar.update(next(iter(batches[i].values())).shape[0])
         if on_result:
             on_result(done, actors)
     return results, len(actors), ready
