@@ -1,0 +1,107 @@
+"""The integer reference: the lowered layers executed in NumPy int64, written apart from the C++.
+
+The C simulation must equal this exactly; both implement the arithmetic that ``lower`` documents.
+Arrays are [batch, C, H, W] or [batch, N]; in ``io=stream`` a [C, H, W] tensor flattened for a
+dense layer is read in pixel order (H, W, C), as the stream delivers it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slimgraph.backends.hls.lower import Format, Layer, Tensor
+
+
+def rounding_shift(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``values / 2^shift`` rounded to nearest, ties to even (int64 in and out)."""
+    shift = np.broadcast_to(shift, values.shape).astype(np.int64)
+    floor = values >> shift
+    remainder = values - (floor << shift)
+    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 1)
+    up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1) & (shift > 0))
+    return floor + up
+
+
+def quantize_input(x: np.ndarray, fmt: Format) -> np.ndarray:
+    """Float feed -> raw integers, as QuantizeLinear computes it in float32 (ties to even)."""
+    scaled = np.rint(x.astype(np.float32) / np.float32(fmt.scale))
+    return np.clip(scaled.astype(np.int64) + fmt.zero_point, fmt.low, fmt.high)
+
+
+def dequantize_output(raw: np.ndarray, fmt: Format) -> np.ndarray:
+    scale = fmt.scale
+    if scale.ndim:
+        scale = scale.reshape((-1,) + (1,) * (raw.ndim - 2))
+    return ((raw - fmt.zero_point) * scale).astype(np.float32)
+
+
+def _channel(values: np.ndarray, ndim: int) -> np.ndarray:
+    return values.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def _windows(x: np.ndarray, params: dict, fill: int) -> np.ndarray:
+    """[B, C, H, W] -> [B, C, HO, WO, KH, KW] after padding with ``fill``."""
+    top, left, bottom, right = params["pads"]
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    kh, kw = params["kernel"]
+    sh, sw = params["strides"]
+    view = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+    return view[:, :, ::sh, ::sw][:, :, :params["out"][0], :params["out"][1]]
+
+
+def _requantize(layer: Layer, acc: np.ndarray) -> np.ndarray:
+    rq = layer.requant
+    ndim = acc.ndim
+    out = rounding_shift(acc * _channel(rq.m, ndim), _channel(rq.shift, ndim)) + _channel(rq.post, ndim)
+    return np.clip(out, layer.lo, layer.hi)
+
+
+def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
+    kind, p = layer.kind, layer.params
+    if kind in ("conv", "dense", "avgpool", "requant"):
+        x = args[0] - layer.inputs[0].fmt.zero_point
+        if kind == "conv":
+            windows = _windows(x, p, 0)  # a padded position is the real value 0
+            groups, weight = p["groups"], p["weight"]
+            b, c, ho, wo = windows.shape[:4]
+            per = c // groups
+            w = weight.reshape(groups, -1, per, *weight.shape[2:])
+            win = windows.reshape(b, groups, per, ho, wo, *windows.shape[4:])
+            acc = np.einsum("bgchwij,gocij->bgohw", win, w).reshape(b, -1, ho, wo)
+        elif kind == "dense":
+            if stream and x.ndim == 4:
+                x = x.transpose(0, 2, 3, 1)
+            acc = x.reshape(len(x), -1) @ p["weight"].T
+        elif kind == "avgpool":
+            acc = _windows(x, p, 0).sum(axis=(4, 5))
+            acc = acc.reshape((len(x), *layer.output.shape))
+        else:
+            acc = x.reshape((len(x), *layer.output.shape))
+        if "bias" in p:
+            acc = acc + _channel(p["bias"], acc.ndim)
+        return _requantize(layer, acc)
+    if kind in ("add", "concat"):
+        parts = [m * (a - t.fmt.zero_point) for m, a, t in zip(p["m"], args, layer.inputs,
+                                                              strict=True)]
+        acc = sum(parts) if kind == "add" else np.concatenate(parts, axis=1)
+        return _requantize(layer, acc)
+    if kind == "maxpool":
+        return _windows(args[0], p, np.iinfo(np.int64).min).max(axis=(4, 5))
+    if kind == "clamp":
+        return np.clip(args[0], layer.lo, layer.hi)
+    if kind == "sign":
+        return np.sign(args[0] - layer.inputs[0].fmt.zero_point)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def run(inputs: list[Tensor], outputs: list[Tensor], layers: list[Layer],
+        raw_inputs: list[np.ndarray], stream: bool = False) -> list[np.ndarray]:
+    """Raw integer inputs [batch, ...] -> raw integer outputs, layer by layer."""
+    values = {t.name: np.asarray(a, np.int64).reshape((len(a), *t.shape))
+              for t, a in zip(inputs, raw_inputs, strict=True)}
+    for layer in layers:
+        args = [values[t.name] for t in layer.inputs]
+        args = [a.reshape((len(a), *t.shape)) if t.shape != a.shape[1:] and not (
+            stream and layer.kind == "dense") else a for a, t in zip(args, layer.inputs, strict=True)]
+        values[layer.output.name] = run_layer(layer, args, stream)
+    return [values[t.name].reshape(len(values[t.name]), *t.shape) for t in outputs]
