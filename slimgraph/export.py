@@ -161,14 +161,14 @@ def export(
         for backend, options in built_specs:
             t = time.perf_counter()
             stage(f"build {backend.name}")
-            built = backend.build(ir_model, root, options)
+            extra = {"feeds": loaded.verification_feeds} if getattr(backend, "wants_feeds",
+                                                                    False) else {}
+            built = backend.build(ir_model, root, options, **extra)
             timings[f"build {backend.name}"] = time.perf_counter() - t
             if not backend.available():
                 unverified[backend.name] = backend.unavailable_reason() or "cannot run here"
-                backend_entries[backend.name] = {
-                    "files": list(built.files), "options": built.options, "entry": built.entry,
-                    "verification": {"skipped": unverified[backend.name]},
-                }
+                backend_entries[backend.name] = _backend_entry(built, None) | {
+                    "verification": {"skipped": unverified[backend.name]}}
                 built_by_name[backend.name] = built
                 continue
             t = time.perf_counter()
@@ -242,9 +242,14 @@ def _first_divergence(loaded: LoadedModel, model: ir.Model, min_cosine: float) -
     return found.describe() if found else None
 
 
-def _backend_entry(built: BuiltArtifact, result: VerificationResult) -> dict[str, Any]:
-    return {"files": list(built.files), "options": built.options, "entry": built.entry,
-            "verification": result.to_json()}
+def _backend_entry(built: BuiltArtifact, result: VerificationResult | None) -> dict[str, Any]:
+    entry = {"files": list(built.files), "options": built.options, "entry": built.entry,
+             "verification": None if result is None else result.to_json()}
+    if built.details:
+        entry["details"] = built.details
+    if built.report:
+        entry["report"] = built.report
+    return entry
 
 
 def _report_json(report) -> dict[str, Any]:

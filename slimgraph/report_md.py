@@ -82,6 +82,9 @@ def render_report(manifest: dict[str, Any]) -> str:
         if entry["options"].get("untuned"):
             lines.append(f"\n**{name}**: untuned build (default schedules): measured 2-90x slower "
                          "than onnxruntime on CPU; export with `tune=N` to tune it.")
+    for name, entry in manifest["backends"].items():
+        if entry.get("report"):
+            lines += ["", f"## {name}", "", *entry["report"]]
     lines += ["", "## Versions", ""]
     lines += [f"- {k} {v}" for k, v in sorted(manifest["versions"].items())]
     return "\n".join(lines) + "\n"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from slimgraph.backends.base import Backend, BuiltArtifact
+from slimgraph.backends.hls import HLS
 from slimgraph.backends.ort import ORT_CPU, ORT_CUDA
 from slimgraph.backends.tvm import TVM_CUDA, TVM_LLVM
 from slimgraph.errors import BackendError
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ORT_CPU, ORT_CUDA, TVM_LLVM, TVM_CUDA)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ORT_CPU, ORT_CUDA, TVM_LLVM, TVM_CUDA, HLS)}
 
 
 def get_backend(name: str) -> Backend:

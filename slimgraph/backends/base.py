@@ -20,6 +20,8 @@ class BuiltArtifact:
     files: list[str]
     options: dict[str, Any]
     entry: str  # the file a runner loads, relative to root
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # facts for the manifest
+    report: list[str] = dataclasses.field(default_factory=list)  # Markdown lines for report.md
 
     @property
     def entry_path(self) -> Path:

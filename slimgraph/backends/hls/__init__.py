@@ -1,0 +1,334 @@
+"""The `hls` backend: an int8 QDQ, binary or fixed-point graph -> a Vitis HLS C++ project.
+
+`slimgraph export MODEL --passes ...,quantize:int8 --backend hls[:io=stream,reuse=4,...]` writes
+``hls/`` into the artifact (see ``emit`` for its layout) and proves it: the C simulation, built
+with g++ from the project's own Makefile, runs the verification inputs and must equal the NumPy
+integer reference (``reference``) exactly; it is also compared with onnxruntime's execution of
+the QDQ graph (counts of quantized values equal / within one step) and, through the runner, with
+the float model like every backend. ``estimate.json`` holds resources and latency (``estimate``).
+
+Options: ``io`` parallel|stream; ``reuse`` (>= 1, multipliers shared over that many cycles);
+``precision`` ap_fixed<W,I> for float activations (default ap_fixed<16,6>; given explicitly it also
+lets float-weight layers through as fixed point); ``part`` and ``clock_ns`` for build.tcl
+(defaults: hls4ml's Vitis defaults, xcvu13p-flga2577-2-e at 5 ns); ``csim`` (default true).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.backends.base import BuiltArtifact
+from slimgraph.backends.hls import emit, reference
+from slimgraph.backends.hls.estimate import VITIS_UNROLL_LIMIT, estimate, markdown, unroll
+from slimgraph.backends.hls.lower import Format, Lowered, Tensor, lower, parse_precision
+from slimgraph.calibration import Feeds
+from slimgraph.errors import BackendError
+from slimgraph.verify import Runner
+
+HLS_DIR = "hls"
+IO_FILE = "io.json"
+ESTIMATE_FILE = "estimate.json"
+CSIM_FILE = "csim.json"
+INPUTS_FILE = "tb_data/inputs.txt"
+OUTPUTS_FILE = "tb_data/csim_outputs.txt"
+DEFAULT_PART = "xcvu13p-flga2577-2-e"
+DEFAULT_CLOCK_NS = 5.0
+IO_MODES = ("parallel", "stream")
+COMPILE_TIMEOUT_S = 600
+
+
+def toolchain_missing() -> str | None:
+    """Why the C simulation cannot be built here, or None."""
+    missing = [tool for tool in (os.environ.get("CXX", "g++"), "make") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not found on PATH" if missing else None
+
+
+class HlsBackend:
+    name = "hls"
+    description = "Vitis HLS C++ project (int8 / binary / fixed point), proved by a g++ C simulation"
+    wants_feeds = True  # build() takes the verification inputs for tb_data/ and the C simulation
+
+    def default_options(self) -> dict[str, Any]:
+        return {"io": "parallel", "reuse": 1, "precision": None, "part": DEFAULT_PART,
+                "clock_ns": DEFAULT_CLOCK_NS, "csim": True}
+
+    def available(self) -> bool:
+        return toolchain_missing() is None
+
+    def unavailable_reason(self) -> str | None:
+        return toolchain_missing()
+
+    def buildable(self) -> bool:
+        return True  # writing the project needs no compiler
+
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        options = self.default_options()
+        unknown = set(given) - set(options)
+        if unknown:
+            raise BackendError(f"hls: unknown option(s) {', '.join(sorted(unknown))}; valid: "
+                               f"{', '.join(options)}")
+        options |= given
+        if options["io"] not in IO_MODES:
+            raise BackendError(f"hls: io={options['io']!r}; valid: {', '.join(IO_MODES)}")
+        if not isinstance(options["reuse"], int) or options["reuse"] < 1:
+            raise BackendError(f"hls: reuse={options['reuse']!r} must be an integer >= 1")
+        if options["precision"] is not None:
+            parse_precision(str(options["precision"]))
+        if not isinstance(options["clock_ns"], int | float) or options["clock_ns"] <= 0:
+            raise BackendError(f"hls: clock_ns={options['clock_ns']!r} must be > 0")
+        return options
+
+    def build(self, model: ir.Model, root: Path, options: dict[str, Any],
+              feeds: Sequence[Feeds] | None = None) -> BuiltArtifact:
+        options = self.options(options)
+        lowered = lower(model, options["precision"], options["io"])
+        for layer in lowered.layers:
+            if unroll(layer, options["reuse"]) > VITIS_UNROLL_LIMIT:
+                raise BackendError(
+                    f"hls: {layer.node!r} unrolls {unroll(layer, options['reuse'])} multiplies at "
+                    f"reuse={options['reuse']}, over Vitis's {VITIS_UNROLL_LIMIT}; use reuse >= "
+                    f"{-(-layer.macs // layer.output.size // VITIS_UNROLL_LIMIT)}")
+        out = root / HLS_DIR
+        project = emit.Project(f"slimgraph HLS project for {model.graph.name or 'model'}",
+                               model.graph.name or "model", _version(), options["io"],
+                               options["reuse"], options["part"], float(options["clock_ns"]))
+        emitter = emit.Emitter(lowered, project)
+        written = emitter.render(out)
+        io = io_spec(model, lowered)
+        written.append(_write_json(out / IO_FILE, io))
+        est = estimate(lowered.layers, options["reuse"], options["io"], float(options["clock_ns"]),
+                       *emitter.memory_bits())
+        written.append(_write_json(out / ESTIMATE_FILE, est))
+        report = [f"Project `{HLS_DIR}/` ({options['io']}, reuse={options['reuse']}, part "
+                  f"{options['part']}); `make -C {HLS_DIR} csim` builds and runs the C simulation "
+                  f"with g++, `vitis_hls -f build.tcl` synthesises it. Estimate "
+                  f"(`{HLS_DIR}/{ESTIMATE_FILE}`, formulas there):", "", *markdown(est)]
+        details: dict[str, Any] = {"estimate": est["total"]}
+        if feeds:
+            raw = [np.concatenate([to_device(io["input"], f[io["input"]["name"]]) for f in feeds])]
+            written.append(write_samples(out / INPUTS_FILE, raw[0]))
+            if options["csim"] and toolchain_missing() is None:
+                csim = run_csim_check(model, lowered, out, feeds, raw, io)
+                written += [out / OUTPUTS_FILE, out / CSIM_FILE]
+                details["csim"] = csim
+                report += ["", *csim_markdown(csim)]
+            elif options["csim"]:
+                report += ["", f"C simulation not run: {toolchain_missing()}."]
+        files = sorted(str(p.relative_to(root)) for p in written)
+        return BuiltArtifact(self.name, root, files, options, f"{HLS_DIR}/{IO_FILE}", details,
+                             report)
+
+    def load(self, built: BuiltArtifact) -> Runner:
+        return CsimRunner(built.root / HLS_DIR)
+
+
+# -- the runner --------------------------------------------------------------------------------
+class CsimRunner:
+    """Feeds -> outputs through the project's C simulation (compiled once, outside the project)."""
+
+    def __init__(self, project: Path) -> None:
+        self.project = project
+        self.io = json.loads((project / IO_FILE).read_text())
+        self.workdir = Path(tempfile.mkdtemp(prefix="slimgraph-csim-"))
+        self.binary = compile_csim(project, self.workdir)
+
+    def __call__(self, feeds: Feeds) -> list[np.ndarray]:
+        raw = to_device(self.io["input"], feeds[self.io["input"]["name"]])
+        inputs = write_samples(self.workdir / "inputs.txt", raw)
+        out = run_binary(self.binary, inputs, self.workdir / "outputs.txt")
+        return [from_device(self.io["output"], out)]
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+def compile_csim(project: Path, build_dir: Path) -> Path:
+    """``make`` the C simulation into ``build_dir`` with the project's Makefile; exit code checked."""
+    missing = toolchain_missing()
+    if missing:
+        raise BackendError(f"hls: cannot build the C simulation: {missing}")
+    binary = build_dir / "csim"
+    result = subprocess.run(["make", "-s", "-C", str(project), f"BUILD={build_dir}", str(binary)],
+                            capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        raise BackendError(f"hls: the C simulation did not compile (make exit "
+                           f"{result.returncode}):\n{result.stderr[-4000:]}")
+    return binary
+
+
+def run_binary(binary: Path, inputs: Path, outputs: Path) -> np.ndarray:
+    result = subprocess.run([str(binary), str(inputs), str(outputs)], capture_output=True,
+                            text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        raise BackendError(f"hls: the C simulation failed (exit {result.returncode}): "
+                           f"{result.stderr[-2000:]}")
+    return np.loadtxt(outputs, dtype=np.int64, ndmin=2)
+
+
+def write_samples(path: Path, raw: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savetxt(path, raw.reshape(len(raw), -1), fmt="%d")
+    return path
+
+
+# -- formats and layouts -----------------------------------------------------------------------
+def _format_json(tensor: Tensor, layout: str) -> dict[str, Any]:
+    fmt = tensor.fmt
+    return {"shape": list(tensor.shape), "layout": layout, "bits": fmt.bits, "signed": fmt.signed,
+            "scale": fmt.scale.tolist(), "zero_point": fmt.zero_point}
+
+
+def io_spec(model: ir.Model, lowered: Lowered) -> dict[str, Any]:
+    """How the top function's raw integers map to the model's float input and output."""
+    def layout(tensor: Tensor) -> str:
+        if len(tensor.shape) != 3:
+            return "N"
+        return "HWC" if lowered.stream else "CHW"
+
+    spec = {}
+    for key, tensor, value in (("input", lowered.inputs[0], model.graph.inputs[0]),
+                               ("output", lowered.outputs[0], model.graph.outputs[0])):
+        spec[key] = {"name": value.name, **_format_json(tensor, layout(tensor))}
+    return spec
+
+
+def _fmt(spec: dict[str, Any]) -> Format:
+    return Format(spec["bits"], spec["signed"], np.asarray(spec["scale"], np.float64),
+                  spec["zero_point"])
+
+
+def to_device(spec: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """A float feed [batch, ...] -> raw integers in the order the top function reads them."""
+    raw = reference.quantize_input(np.asarray(x).reshape(len(x), *spec["shape"]), _fmt(spec))
+    if spec["layout"] == "HWC":
+        raw = raw.transpose(0, 2, 3, 1)
+    return raw.reshape(len(raw), -1)
+
+
+def from_device(spec: dict[str, Any], raw: np.ndarray) -> np.ndarray:
+    shape = spec["shape"]
+    if spec["layout"] == "HWC":
+        raw = raw.reshape(len(raw), shape[1], shape[2], shape[0]).transpose(0, 3, 1, 2)
+    return reference.dequantize_output(raw.reshape(len(raw), *shape), _fmt(spec))
+
+
+# -- verification at build time ----------------------------------------------------------------
+def run_csim_check(model: ir.Model, lowered: Lowered, project: Path, feeds: Sequence[Feeds],
+                   raw_inputs: list[np.ndarray], io: dict[str, Any]) -> dict[str, Any]:
+    """Build and run ``make csim``; require bit-exactness against the integer reference."""
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="slimgraph-csim-") as build:
+        start = time.perf_counter()
+        binary = compile_csim(project, Path(build))
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = run_binary(binary, project / INPUTS_FILE, project / OUTPUTS_FILE)
+        run_s = time.perf_counter() - start
+    shape = io["input"]["shape"]
+    logical = [raw_inputs[0].reshape(len(raw_inputs[0]), *(
+        (shape[1], shape[2], shape[0]) if io["input"]["layout"] == "HWC" else shape))]
+    if io["input"]["layout"] == "HWC":
+        logical = [logical[0].transpose(0, 3, 1, 2)]
+    values = reference.run(lowered, logical)
+    expected = values[lowered.outputs[0].name].reshape(len(out), *lowered.outputs[0].shape)
+    if io["output"]["layout"] == "HWC":
+        expected = expected.transpose(0, 2, 3, 1)
+    expected = expected.reshape(len(out), -1)
+    mismatches = int((expected != out).sum())
+    report = {
+        "samples": len(out), "compile_seconds": round(compile_s, 2), "run_seconds": round(run_s, 3),
+        "vs_integer_reference": {"elements": int(out.size), "mismatches": mismatches,
+                                 "bit_exact": mismatches == 0},
+        "vs_onnxruntime": compare_onnxruntime(model, lowered, feeds, values, io),
+    }
+    _write_json(project / CSIM_FILE, report)
+    if mismatches:
+        raise BackendError(f"hls: the C simulation differs from the integer reference in "
+                           f"{mismatches} of {out.size} output values ({project / CSIM_FILE})")
+    return report
+
+
+def csim_markdown(csim: dict[str, Any]) -> list[str]:
+    ref, ort = csim["vs_integer_reference"], csim["vs_onnxruntime"]
+    out = ort["output"]
+    lines = [f"C simulation (`make csim`, g++ {csim['compile_seconds']} s to build): "
+             f"{csim['samples']} samples, {ref['mismatches']} of {ref['elements']:,} output values "
+             f"differ from the NumPy integer reference "
+             f"({'bit-exact' if ref['bit_exact'] else 'NOT bit-exact'})."]
+    if ort["elements"]:
+        lines.append(f"Against onnxruntime on the same graph: {ort['equal']:,} of "
+                     f"{ort['elements']:,} quantized values equal, {ort['within_one_step']:,} "
+                     f"within one step ({ort['fraction_within_one_step']:.4%}), at most "
+                     f"{ort['max_steps']} steps apart.")
+    lines.append(f"Output: {out['within_one_step']:,} of {out['elements']:,} values within one "
+                 f"output step of onnxruntime's, max abs error {out['max_abs_err']:.3g}.")
+    return lines
+
+
+def compare_onnxruntime(model: ir.Model, lowered: Lowered, feeds: Sequence[Feeds],
+                        values: dict[str, np.ndarray], io: dict[str, Any]) -> dict[str, Any]:
+    """Every quantized tensor and the output against onnxruntime running the same graph."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    known = {o.name for o in proto.graph.output}
+    names = [n for n in lowered.quantized if n not in known]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    results = [session.run([*names, io["output"]["name"]], dict(f)) for f in feeds]
+    total = equal = within = 0
+    worst = 0
+    for i, name in enumerate(names):
+        ort_raw = np.concatenate([r[i] for r in results]).astype(np.int64)
+        ours = values[lowered.quantized[name].name].reshape(ort_raw.shape)
+        diff = np.abs(ours - ort_raw)
+        total += diff.size
+        equal += int((diff == 0).sum())
+        within += int((diff <= 1).sum())
+        worst = max(worst, int(diff.max()) if diff.size else 0)
+    ort_out = np.concatenate([r[-1] for r in results]).astype(np.float64)
+    ours = values[lowered.outputs[0].name].reshape(len(ort_out), *lowered.outputs[0].shape)
+    ours = reference.dequantize_output(ours, lowered.outputs[0].fmt).astype(np.float64)
+    scale = lowered.outputs[0].fmt.scale
+    step = scale.reshape((-1,) + (1,) * (ort_out.ndim - 2)) if scale.ndim else scale
+    steps = np.abs(ours - ort_out.reshape(ours.shape)) / step
+    return {
+        "quantized_tensors": len(names), "elements": total, "equal": equal,
+        "within_one_step": within, "max_steps": worst,
+        "fraction_within_one_step": round(within / total, 6) if total else None,
+        "output": {"elements": int(steps.size), "within_one_step": int((steps <= 1.0001).sum()),
+                   "max_steps": round(float(steps.max()), 3),
+                   "max_abs_err": float(np.abs(ours - ort_out.reshape(ours.shape)).max())},
+    }
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slimgraph")
+    except PackageNotFoundError:
+        return "dev"
+
+
+HLS = HlsBackend()
+
+__all__ = ["HLS", "CsimRunner", "HlsBackend", "compile_csim"]

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from slimgraph.backends.hls.lower import Layer, Tensor
+from slimgraph.backends.hls.lower import Layer, Lowered, Tensor
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = ("sg_types.h", "sg_layers.h", "sg_stream.h")
@@ -62,10 +62,9 @@ def pack_signs(weight: np.ndarray) -> np.ndarray:
 
 
 class Emitter:
-    def __init__(self, inputs: list[Tensor], outputs: list[Tensor], layers: list[Layer],
-                 project: Project) -> None:
-        self.input, self.output = inputs[0], outputs[0]
-        self.layers = layers
+    def __init__(self, lowered: Lowered, project: Project) -> None:
+        self.input, self.output = lowered.inputs[0], lowered.outputs[0]
+        self.layers = layers = lowered.layers
         self.project = project
         self.stream = project.io == "stream"
         self.rendered: list[dict[str, Any]] = []
@@ -243,6 +242,23 @@ class Emitter:
             out.append({"name": t.name, "type": type_name(t), "size": t.size,
                         "partition": partition})
         return out
+
+    def memory_bits(self) -> tuple[int, int]:
+        """(FIFO bits, activation buffer bits): io=stream holds FIFOs and line buffers."""
+        if not self.stream:
+            return 0, sum(b["size"] * layer.output.fmt.bits for b, layer in zip(
+                self.buffers(), [lay for lay in self.layers if lay.output.name != self.output.name],
+                strict=True))
+        bits = {type_name(t): t.fmt.bits for t in [self.input] + [lay.output for lay in self.layers]}
+        fifo = sum(f["depth"] * bits[f["type"]] for f in self.fifos())
+        lines = 0
+        for layer in self.layers:
+            if layer.kind in ("conv", "maxpool", "avgpool"):
+                c, _, w = layer.inputs[0].shape
+                pads = layer.params["pads"]
+                lines += layer.params["kernel"][0] * (w + pads[1] + pads[3]) * c * \
+                    layer.inputs[0].fmt.bits
+        return fifo, lines
 
     # -- the project -------------------------------------------------------------------------
     def render(self, root: Path) -> list[Path]:

@@ -31,6 +31,7 @@ from onnx.reference import ReferenceEvaluator
 
 from slimgraph.errors import BackendError, UnsupportedOpError
 
+DEFAULT_PRECISION = "ap_fixed<16,6>"
 PRECISION = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>$")
 MULTIPLIER_BITS = 31
 ELEMENTWISE_UNARY = {"Relu", "Clip"}
@@ -60,6 +61,14 @@ class Format:
     @property
     def high(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def code(self, real: float) -> int:
+        """The raw integer QuantizeLinear gives ``real`` (saturated); +-inf -> the type's ends."""
+        if real == math.inf:
+            return self.high
+        if real == -math.inf:
+            return self.low
+        return int(np.clip(np.rint(real / float(self.scale)) + self.zero_point, self.low, self.high))
 
     def same(self, other: Format) -> bool:
         return (self.bits, self.signed, self.zero_point) == (other.bits, other.signed,
@@ -163,7 +172,11 @@ class Lowering:
         self.model = model
         self.graph = model.graph
         self.io = io
-        self.fixed = parse_precision(precision) if precision else None
+        # Float activations (binary-weight graphs, float graphs) are fixed point at this
+        # precision; float *weights* need it given explicitly.
+        self.fixed = parse_precision(precision or DEFAULT_PRECISION)
+        self.explicit = precision is not None
+        self.quantized: dict[str, str] = {}  # QuantizeLinear output -> the tensor holding it
         self.layers: list[Layer] = []
         self.tensors: dict[str, Tensor] = {}  # ONNX value name -> the tensor holding it
         self.pending: dict[str, Layer] = {}  # float results whose output format is not chosen
@@ -214,12 +227,8 @@ class Lowering:
 
     def default_format(self, name: str) -> Format:
         layer = self.pending[name]
-        if self.fixed is None:  # an int8 graph's float result: the accumulator itself
-            scale = layer.params.get("acc_scale")
-            if scale is None or layer.kind not in ("conv", "dense"):
-                raise BackendError(f"hls: {layer.node!r} has a float result that is not "
-                                   "quantized; pass precision=ap_fixed<W,I> to emit it in fixed point")
-            return Format(32, True, np.asarray(scale, np.float64))
+        if layer.params.get("weight_kind") == "int8":  # an int8 layer's float result: its
+            return Format(32, True, np.asarray(layer.params["acc_scale"], np.float64))  # accumulator
         return fixed_format(*self.fixed)
 
     def new_tensor(self, name: str, shape: tuple[int, ...], fmt: Format) -> Tensor:
@@ -252,10 +261,7 @@ class Lowering:
         lo, hi = layer.params.get("clip", (-math.inf, math.inf))
         layer.lo, layer.hi = fmt.low, fmt.high
         if fmt.scale.ndim == 0:
-            if lo > -math.inf:
-                layer.lo = max(fmt.low, int(np.rint(lo / fmt.scale)) + fmt.zero_point)
-            if hi < math.inf:
-                layer.hi = min(fmt.high, int(np.rint(hi / fmt.scale)) + fmt.zero_point)
+            layer.lo, layer.hi = fmt.code(lo), fmt.code(hi)
         self.layers.append(layer)
         self.tensors[name] = layer.output
         return layer.output
@@ -308,9 +314,6 @@ class Lowering:
                     raise BackendError(f"hls: input {value.name!r} is quantized two ways")
                 self.alias(q.outputs[0], tensor)
         else:
-            if self.fixed is None:
-                raise BackendError(f"hls: input {value.name!r} is float; quantize the model or "
-                                   "pass precision=ap_fixed<W,I>")
             tensor = self.new_tensor(value.name, shape, fixed_format(*self.fixed))
         self.alias(value, tensor)
         return tensor
@@ -341,6 +344,7 @@ class Lowering:
     def op_QuantizeLinear(self, node: ir.Node) -> None:
         fmt = self.q_format(node)
         source = node.inputs[0]
+        self.quantized[node.outputs[0].name] = node.outputs[0].name
         if source.name in self.pending:
             self.alias(node.outputs[0], self.finalize(source.name, fmt))
             return
@@ -381,8 +385,7 @@ class Lowering:
         fmt = tensor.fmt
         layer = Layer("clamp", node.name, [tensor], self.new_tensor(node.outputs[0].name,
                                                                   tensor.shape, fmt), node=node.name)
-        layer.lo = fmt.low if lo == -math.inf else max(fmt.low, int(np.rint(lo / fmt.scale)) + fmt.zero_point)
-        layer.hi = fmt.high if hi == math.inf else min(fmt.high, int(np.rint(hi / fmt.scale)) + fmt.zero_point)
+        layer.lo, layer.hi = fmt.code(lo), fmt.code(hi)
         self.layers.append(layer)
         self.alias(node.outputs[0], layer.output)
 
@@ -500,7 +503,7 @@ class Lowering:
         alpha = np.abs(moved).max(axis=1)
         if np.all(np.abs(moved) == alpha[:, None]) and np.all(alpha > 0):
             return np.sign(w).astype(np.int64), alpha, "binary"
-        if self.fixed is None:
+        if not self.explicit:
             self.float_layers.append(f"{node.name} ({node.op_type})")
             return np.zeros(w.shape, np.int64), np.ones(w.shape[channels_axis]), "float"
         width, integer = self.fixed
@@ -577,9 +580,17 @@ class Lowering:
         return self.channels_last.get(tensor.name, tensor.shape)
 
 
-def lower(model: ir.Model, precision: str | None = None, io: str = "parallel"
-          ) -> tuple[list[Tensor], list[Tensor], list[Layer]]:
-    """The graph as integer layers: (inputs, outputs, layers), or UnsupportedOpError/BackendError."""
+@dataclasses.dataclass
+class Lowered:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    layers: list[Layer]
+    quantized: dict[str, Tensor]  # each QuantizeLinear output of the graph -> its tensor
+    stream: bool
+
+
+def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -> Lowered:
+    """The graph as integer layers, or UnsupportedOpError / BackendError before anything is written."""
     lowering = Lowering(model, precision, io)
     lowering.channels_last = {}
     inputs, outputs, layers = lowering.run()
@@ -594,7 +605,9 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel"
         while layer.output.name in names:
             layer.output.name = f"{base}_{len(names)}"
         names.add(layer.output.name)
-    return inputs, outputs, layers
+    quantized = {name: lowering.tensors[name] for name in lowering.quantized
+                 if name in lowering.tensors}
+    return Lowered(inputs, outputs, layers, quantized, io == "stream")
 
 
 def _c_name(name: str, index: int) -> str:

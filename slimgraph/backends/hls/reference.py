@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimgraph.backends.hls.lower import Format, Layer, Tensor
+from slimgraph.backends.hls.lower import Format, Layer, Lowered
 
 
 def rounding_shift(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -94,9 +94,9 @@ def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def run(inputs: list[Tensor], outputs: list[Tensor], layers: list[Layer],
-        raw_inputs: list[np.ndarray], stream: bool = False) -> list[np.ndarray]:
-    """Raw integer inputs [batch, ...] -> raw integer outputs, layer by layer."""
+def run(lowered: Lowered, raw_inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw integer inputs [batch, ...] -> every tensor's raw integers, by tensor name."""
+    inputs, layers, stream = lowered.inputs, lowered.layers, lowered.stream
     values = {t.name: np.asarray(a, np.int64).reshape((len(a), *t.shape))
               for t, a in zip(inputs, raw_inputs, strict=True)}
     for layer in layers:
@@ -104,4 +104,10 @@ def run(inputs: list[Tensor], outputs: list[Tensor], layers: list[Layer],
         args = [a.reshape((len(a), *t.shape)) if t.shape != a.shape[1:] and not (
             stream and layer.kind == "dense") else a for a, t in zip(args, layer.inputs, strict=True)]
         values[layer.output.name] = run_layer(layer, args, stream)
-    return [values[t.name].reshape(len(values[t.name]), *t.shape) for t in outputs]
+    return values
+
+
+def outputs(lowered: Lowered, raw_inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Raw integer inputs -> raw integer outputs [batch, *shape]."""
+    values = run(lowered, raw_inputs)
+    return [values[t.name].reshape(len(values[t.name]), *t.shape) for t in lowered.outputs]
