@@ -450,9 +450,6 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _partition(args: argparse.Namespace) -> int:
     from slimgraph.parallel import partition
@@ -496,3 +493,7 @@ def _run(args: argparse.Namespace) -> int:
                         f"{result.seconds:.2f} s, {result.samples_per_s:.1f} samples/s "
                         f"(+ {result.setup_seconds:.1f} s to start)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from slimgraph.backends.base import Backend, BuiltArtifact
@@ -21,11 +22,14 @@ def get_backend(name: str) -> Backend:
 
 
 def parse_backend_spec(spec: str) -> tuple[Backend, dict[str, Any]]:
-    """``ort-cpu:intra_op_num_threads=2`` -> (backend, {"intra_op_num_threads": 2})."""
+    """``ort-cpu:intra_op_num_threads=2`` -> (backend, {"intra_op_num_threads": 2}).
+
+    A comma inside angle brackets belongs to the value (``hls:precision=ap_fixed<16,6>``).
+    """
     name, _, rest = spec.partition(":")
     backend = get_backend(name.strip())
     options: dict[str, Any] = {}
-    for token in filter(None, (t.strip() for t in rest.split(","))):
+    for token in filter(None, (t.strip() for t in re.split(r",(?![^<]*>)", rest))):
         key, eq, value = token.partition("=")
         if not eq:
             raise BackendError(f"backend {name!r}: option {token!r} needs key=value")

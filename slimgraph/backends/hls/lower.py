@@ -19,6 +19,7 @@ The layer list is this backend's working form between the graph and the C++; not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -591,6 +592,9 @@ class Lowered:
 
 def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -> Lowered:
     """The graph as integer layers, or UnsupportedOpError / BackendError before anything is written."""
+    model = model.clone()
+    with contextlib.suppress(Exception):  # shapes the graph does not carry (Flatten, Reshape)
+        ir.passes.common.ShapeInferencePass()(model)
     lowering = Lowering(model, precision, io)
     lowering.channels_last = {}
     inputs, outputs, layers = lowering.run()
