@@ -210,6 +210,7 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
     start = time.perf_counter()
     if use_ray:
         ray = _ray(ray_address)
+        joined = ray_address is not None  # _ray connected this process: disconnect when done
         started = not ray.is_initialized()
         try:
             if started:
@@ -226,8 +227,8 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
                                                 on_result)
                 mode = "ray replicas"
         finally:
-            if started:
-                ray.shutdown()
+            if started or joined:
+                ray.shutdown()  # leaves the cluster itself running
     else:
         runners = [StageRunner(m, threads or os.cpu_count() or 1, s)
                    for m, s in zip(art.models, art.stages or [None], strict=True)]
