@@ -284,3 +284,31 @@ def test_resnet_tiny_int8_stream(tmp_path: Path) -> None:
     assert csim["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999
     model_cpp = (tmp_path / "r/hls/firmware/model.cpp").read_text()
     assert "#pragma HLS DATAFLOW" in model_cpp and "sg::clone_stream" in model_cpp
+
+
+@pytest.mark.parametrize("head", ["Sigmoid", "Softmax"])
+@pytest.mark.parametrize("mode", ["int8", "fixed"])
+def test_sigmoid_and_softmax_by_lookup_table(head: str, mode: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=1, name="fc"),
+         helper.make_node(head, ["z"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        initializer=[numpy_helper.from_array(rng.standard_normal((6, 12)).astype(np.float32), "w"),
+                     numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    options = {"precision": "ap_fixed<16,6>"}
+    if mode == "int8":
+        qpass = InsertQDQPass(speed_check=False, guard=False)
+        qpass.calibration = Calibration([{"x": x[i:i + 1]} for i in range(32)])
+        model = qpass(model).model
+        options = {}
+    built = HLS.build(model, tmp_path, options, feeds=[{"x": x[:16]}])
+    assert built.details["csim"]["vs_integer_reference"]["bit_exact"]
+    got = HLS.load(built)({"x": x})[0]
+    want = session_for(ir.to_proto(model).SerializeToString()).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 0.03
+    if head == "Softmax":
+        assert np.abs(got.sum(axis=1) - 1).max() <= 0.01

@@ -174,6 +174,20 @@ class Emitter:
                                  f"{self.buffer(layer.output, index)}, rq_{index})")
                 return self.finish(index, layer, cfg, ints, longs, typedefs, weights, note,
                                    extra_structs, calls)
+        elif layer.kind == "sigmoid":
+            ints |= {"size": layer.output.size, "in_low": x.fmt.low, "drop": p["drop"]}
+            weights.append({"ctype": type_name(layer.output), "name": f"table_{index}",
+                            "size": len(p["table"]), "lines": _lines(p["table"])})
+            call, args = ("sigmoid_stream" if self.stream else "sigmoid"), ["table"]
+            note = "sigmoid lookup table"
+        elif layer.kind == "softmax":
+            ints |= {"n": layer.output.size, "drop": p["drop"], "entries": len(p["table"]),
+                     "zp_out": layer.output.fmt.zero_point}
+            longs |= {"divider": p["divider"]}
+            weights.append({"ctype": "uint32_t", "name": f"table_{index}",
+                            "size": len(p["table"]), "lines": _lines(p["table"])})
+            call, args = ("softmax_stream" if self.stream else "softmax"), ["table"]
+            note = "exp lookup table, 16-bit fixed point"
         elif layer.kind in ("requant", "clamp", "sign"):
             channels = layer.output.shape[0]
             ints |= {"size": layer.output.size, "zp_in": x.fmt.zero_point, "channels": channels,

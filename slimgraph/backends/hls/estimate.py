@@ -11,6 +11,7 @@ Formulas (per layer; K = multiply-accumulates per output value, R = the reuse fa
 - weight memory: weights (1 bit each when binary), biases at accumulator width, 96 bits of
   requantization per channel; BRAM18 = ceil(bits / 18432) for each array over 1024 bits (smaller
   arrays go to LUTs or registers).
+- lookup tables (sigmoid, softmax's exp): entries x output bits (17 for exp), in weight memory.
 - cycles: io=parallel runs the layers one after another: each takes (output values x R) plus a
   pipeline depth of ceil(log2 K) + 4; the design's initiation interval is the latency (the sum).
   io=stream overlaps layers (DATAFLOW): a line-buffered layer takes (padded input tokens +
@@ -58,6 +59,9 @@ def layer_estimate(layer: Layer, reuse: int, stream: bool) -> dict[str, Any]:
         weight_bits = w.size * per
         bias_bits = len(p["bias"]) * p["acc_bits"]
         arrays += [weight_bits, bias_bits]
+    if "table" in p:  # sigmoid / softmax lookup tables
+        weight_bits = len(p["table"]) * (17 if layer.kind == "softmax" else layer.output.fmt.bits)
+        arrays.append(weight_bits)
     requant_bits = 0
     requantizes = layer.requant is not None and bool((layer.requant.m != 1).any() or
                                                     (layer.requant.shift != 0).any())

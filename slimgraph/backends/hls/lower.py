@@ -39,7 +39,9 @@ ELEMENTWISE_UNARY = {"Relu", "Clip"}
 SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 SUPPORTED = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "MaxPool",
              "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Add", "Concat",
-             "Sign", "Identity", *ELEMENTWISE_UNARY, *SHAPE_OPS}
+             "Sign", "Identity", "Sigmoid", "Softmax", *ELEMENTWISE_UNARY, *SHAPE_OPS}
+LUT_INDEX_BITS = 10  # lookup tables index by the top 10 bits of a wider input
+EXP_BITS = 16  # softmax's exp table: exp(-d) in unsigned 16-bit fixed point
 HINTS = {
     "BatchNormalization": "fold-constants folds it into the Conv/Gemm before it",
     "Dropout": "fold-constants removes it",
@@ -242,6 +244,13 @@ class Lowering:
         layer.output = self.new_tensor(name, layer.output.shape, fmt)
         channels = layer.output.shape[0]
         acc_bits = layer.params.get("acc_bits", 32)
+        if layer.kind in ("sigmoid", "softmax"):
+            layer.params |= lookup_tables(layer, fmt)
+            layer.output = self.new_tensor(name, layer.output.shape, fmt)
+            layer.lo, layer.hi = fmt.low, fmt.high
+            self.layers.append(layer)
+            self.tensors[name] = layer.output
+            return layer.output
         if layer.kind in ("add", "concat"):
             reals = [float(t.fmt.scale) / float(fmt.scale) for t in layer.inputs]
             ms, shift = shared_multipliers(reals, acc_bits)
@@ -389,6 +398,28 @@ class Lowering:
         layer.lo, layer.hi = fmt.code(lo), fmt.code(hi)
         self.layers.append(layer)
         self.alias(node.outputs[0], layer.output)
+
+    def uniform(self, tensor: Tensor, node: ir.Node) -> Tensor:
+        """A tensor with one scale and at most 16 bits (a table index): requantized if not."""
+        if tensor.fmt.scale.ndim == 0 and tensor.fmt.bits <= 16:
+            return tensor
+        name = f"{node.name}_input"
+        self.pending[name] = Layer("requant", name, [tensor], tensor, node=node.name, params={
+            "acc_scale": tensor.fmt.scale, "acc_bits": tensor.fmt.bits + 1})
+        return self.finalize(name, fixed_format(*self.fixed))
+
+    def op_Sigmoid(self, node: ir.Node) -> None:
+        x = self.uniform(self.tensor(node.inputs[0]), node)
+        self.pending[node.outputs[0].name] = Layer("sigmoid", node.name, [x],
+                                                   Tensor("", x.shape, x.fmt), node=node.name)
+
+    def op_Softmax(self, node: ir.Node) -> None:
+        x = self.uniform(self.tensor(node.inputs[0]), node)
+        if len(x.shape) != 1 or node.attributes.get_int("axis", -1) not in (-1, 1):
+            raise BackendError(f"hls: {node.name!r}: Softmax is supported over the last axis of "
+                               "a [batch, N] tensor")
+        self.pending[node.outputs[0].name] = Layer("softmax", node.name, [x],
+                                                   Tensor("", x.shape, x.fmt), node=node.name)
 
     def op_Sign(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
@@ -612,6 +643,25 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -
     quantized = {name: lowering.tensors[name] for name in lowering.quantized
                  if name in lowering.tensors}
     return Lowered(inputs, outputs, layers, quantized, io == "stream")
+
+
+def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
+    """Sigmoid: out.code(sigmoid(x)) for each input code (or each bin of ``2^drop`` codes, read at
+    its centre). Softmax: exp(-d) in 16-bit fixed point for each distance d (in input codes,
+    binned the same way) from the row's maximum, and the divider ``m = round(2^16 / s_out)``:
+    ``y = (e * m + S / 2) // S + zero_point`` with ``S = 2^16 * sum(e)``."""
+    fmt = layer.inputs[0].fmt
+    drop = max(0, fmt.bits - LUT_INDEX_BITS)
+    entries = 1 << (fmt.bits - drop)
+    centre = (1 << drop) // 2
+    if layer.kind == "sigmoid":
+        raw = fmt.low + (np.arange(entries) << drop) + centre
+        real = float(fmt.scale) * (raw - fmt.zero_point)
+        table = [out.code(float(v)) for v in 1.0 / (1.0 + np.exp(-real))]
+        return {"drop": drop, "table": np.asarray(table, np.int64)}
+    distance = (np.arange(entries) << drop) + (centre if drop else 0)
+    table = np.rint(np.exp(-float(fmt.scale) * distance) * (1 << EXP_BITS)).astype(np.int64)
+    return {"drop": drop, "table": table, "divider": round(2.0 ** EXP_BITS / float(out.scale))}
 
 
 def _c_name(name: str, index: int) -> str:

@@ -89,6 +89,15 @@ def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
         return _windows(args[0], p, np.iinfo(np.int64).min).max(axis=(4, 5))
     if kind == "clamp":
         return np.clip(args[0], layer.lo, layer.hi)
+    if kind == "sigmoid":
+        return p["table"][(args[0] - layer.inputs[0].fmt.low) >> p["drop"]]
+    if kind == "softmax":
+        x = args[0]
+        distance = (x.max(axis=1, keepdims=True) - x) >> p["drop"]
+        e = p["table"][np.minimum(distance, len(p["table"]) - 1)]
+        total = e.sum(axis=1, keepdims=True) << 16
+        y = (e * p["divider"] + total // 2) // total + layer.output.fmt.zero_point
+        return np.clip(y, layer.lo, layer.hi)
     if kind == "sign":
         return np.sign(args[0] - layer.inputs[0].fmt.zero_point)
     raise ValueError(f"unknown layer kind {kind!r}")

@@ -191,6 +191,43 @@ sign_loop:
   }
 }
 
+// Sigmoid by lookup table: the input code (its top bits, past CFG::drop, when the input is wider
+// than the table) indexes the output code.
+template <class CFG, class T_IN, class T_OUT>
+void sigmoid(const T_IN x[CFG::size], T_OUT y[CFG::size], const T_OUT table[]) {
+sigmoid_loop:
+  for (int i = 0; i < CFG::size; i++) {
+#pragma HLS PIPELINE II = CFG::reuse
+    y[i] = table[(int32_t(x[i]) - CFG::in_low) >> CFG::drop];
+  }
+}
+
+// Softmax over a vector: e_k = exp table[(max - x_k) >> drop] (16-bit fixed point), then
+// y_k = (e_k * divider + S / 2) / S + zero_point with S = 2^16 * sum(e).
+template <class CFG, class T_IN, class T_OUT>
+void softmax(const T_IN x[CFG::n], T_OUT y[CFG::n], const uint32_t table[]) {
+  int32_t top = x[0];
+softmax_max:
+  for (int k = 1; k < CFG::n; k++) top = int32_t(x[k]) > top ? int32_t(x[k]) : top;
+  uint32_t e[CFG::n];
+  uint64_t sum = 0;
+softmax_exp:
+  for (int k = 0; k < CFG::n; k++) {
+#pragma HLS PIPELINE II = 1
+    int32_t d = (top - int32_t(x[k])) >> CFG::drop;
+    if (d > CFG::entries - 1) d = CFG::entries - 1;
+    e[k] = table[d];
+    sum += e[k];
+  }
+  const int64_t total = int64_t(sum) << 16;
+softmax_div:
+  for (int k = 0; k < CFG::n; k++) {
+#pragma HLS PIPELINE II = CFG::reuse
+    int64_t v = (int64_t(e[k]) * CFG::divider + total / 2) / total + CFG::zp_out;
+    y[k] = T_OUT(v < CFG::lo ? CFG::lo : (v > CFG::hi ? CFG::hi : v));
+  }
+}
+
 }  // namespace sg
 
 #endif

@@ -167,6 +167,24 @@ concat_pixels:
   }
 }
 
+template <class CFG, class T_IN, class T_OUT>
+void sigmoid_stream(hls::stream<T_IN> &x, hls::stream<T_OUT> &y, const T_OUT table[]) {
+sigmoid_tokens:
+  for (int i = 0; i < CFG::size; i++) {
+#pragma HLS PIPELINE II = 1
+    y.write(table[(int32_t(x.read()) - CFG::in_low) >> CFG::drop]);
+  }
+}
+
+template <class CFG, class T_IN, class T_OUT>
+void softmax_stream(hls::stream<T_IN> &x, hls::stream<T_OUT> &y, const uint32_t table[]) {
+  T_IN in[CFG::n];
+  T_OUT out[CFG::n];
+  for (int k = 0; k < CFG::n; k++) in[k] = x.read();
+  softmax<CFG>(in, out, table);
+  for (int k = 0; k < CFG::n; k++) y.write(out[k]);
+}
+
 // A tensor read by two layers: copy each token to both FIFOs.
 template <class T, int SIZE> void clone_stream(hls::stream<T> &x, hls::stream<T> &a, hls::stream<T> &b) {
 clone_tokens:
