@@ -34,9 +34,10 @@ lint: $(STAMP)
 node-tests: $(STAMP)
 	$(BIN)/python benchmarks/node_tests.py
 
-# The benchmark suite behind the README's numbers; torch-pruning is a benchmark-only peer.
+# The benchmark suite behind the README's numbers; torch-pruning, hls4ml and qonnx are
+# benchmark-only peers.
 bench: $(STAMP)
-	$(BIN)/pip install -q torch-pruning
+	$(BIN)/pip install -q torch-pruning hls4ml==1.3.0 qonnx==1.0.0
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:

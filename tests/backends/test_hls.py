@@ -312,3 +312,13 @@ def test_sigmoid_and_softmax_by_lookup_table(head: str, mode: str, tmp_path: Pat
     assert np.abs(got - want).max() <= 0.03
     if head == "Softmax":
         assert np.abs(got.sum(axis=1) - 1).max() <= 0.01
+
+
+def test_same_input_same_files(mixed_int8: ir.Model, tmp_path: Path) -> None:
+    feeds = [{"x": _images(4, 11)}]
+    for name in ("a", "b"):
+        HLS.build(mixed_int8, tmp_path / name, {"io": "stream"}, feeds=feeds)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 10
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
