@@ -322,3 +322,11 @@ def test_same_input_same_files(mixed_int8: ir.Model, tmp_path: Path) -> None:
     assert len(files) > 10
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_agreement_with_onnxruntime_is_enforced(mixed_int8: ir.Model, tmp_path: Path) -> None:
+    feeds = [{"x": _images(4, 12)}]
+    with pytest.raises(BackendError, match="within one step of onnxruntime"):
+        HLS.build(mixed_int8, tmp_path / "a", {"agreement": 1.0001}, feeds=feeds)
+    built = HLS.build(mixed_int8, tmp_path / "b", {}, feeds=feeds)
+    assert built.details["csim"]["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999

@@ -8,7 +8,9 @@ the QDQ graph (counts of quantized values equal / within one step) and, through 
 the float model like every backend. ``estimate.json`` holds resources and latency (``estimate``).
 
 Options: ``io`` parallel|stream; ``reuse`` (>= 1, multipliers shared over that many cycles);
-``precision`` ap_fixed<W,I> for float activations (default ap_fixed<16,6>; given explicitly it also
+``agreement`` (default 0.999) the
+fraction of quantized values that must lie within one step of onnxruntime's; ``precision``
+ap_fixed<W,I> for float activations (default ap_fixed<16,6>; given explicitly it also
 lets float-weight layers through as fixed point); ``part`` and ``clock_ns`` for build.tcl
 (defaults: hls4ml's Vitis defaults, xcvu13p-flga2577-2-e at 5 ns); ``csim`` (default true).
 """
@@ -45,6 +47,7 @@ DEFAULT_PART = "xcvu13p-flga2577-2-e"
 DEFAULT_CLOCK_NS = 5.0
 IO_MODES = ("parallel", "stream")
 COMPILE_TIMEOUT_S = 600
+DEFAULT_AGREEMENT = 0.999  # of quantized values within one step of onnxruntime's
 
 
 def toolchain_missing() -> str | None:
@@ -60,7 +63,7 @@ class HlsBackend:
 
     def default_options(self) -> dict[str, Any]:
         return {"io": "parallel", "reuse": 1, "precision": None, "part": DEFAULT_PART,
-                "clock_ns": DEFAULT_CLOCK_NS, "csim": True}
+                "clock_ns": DEFAULT_CLOCK_NS, "csim": True, "agreement": DEFAULT_AGREEMENT}
 
     def available(self) -> bool:
         return toolchain_missing() is None
@@ -119,6 +122,14 @@ class HlsBackend:
             written.append(write_samples(out / INPUTS_FILE, raw[0]))
             if options["csim"] and toolchain_missing() is None:
                 csim = run_csim_check(model, lowered, out, feeds, raw, io)
+                agreement = csim["vs_onnxruntime"]["fraction_within_one_step"]
+                if agreement is not None and agreement < options["agreement"]:
+                    o = csim["vs_onnxruntime"]
+                    raise BackendError(
+                        f"hls: only {o['within_one_step']:,} of {o['elements']:,} quantized values "
+                        f"({agreement:.4%}) are within one step of onnxruntime's execution of the "
+                        f"same graph (required: agreement={options['agreement']}); at most "
+                        f"{o['max_steps']} steps apart")
                 written += [out / OUTPUTS_FILE, out / CSIM_FILE]
                 details["csim"] = csim
                 report += ["", *csim_markdown(csim)]
@@ -249,14 +260,15 @@ def run_csim_check(model: ir.Model, lowered: Lowered, project: Path, feeds: Sequ
     _write_json(project / CSIM_FILE, report)
     if mismatches:
         raise BackendError(f"hls: the C simulation differs from the integer reference in "
-                           f"{mismatches} of {out.size} output values ({project / CSIM_FILE})")
+                           f"{mismatches} of {out.size} output values")
     return report
 
 
 def csim_markdown(csim: dict[str, Any]) -> list[str]:
     ref, ort = csim["vs_integer_reference"], csim["vs_onnxruntime"]
     out = ort["output"]
-    lines = [f"C simulation (`make csim`, g++): {csim['samples']} samples, {ref['mismatches']} of {ref['elements']:,} output values "
+    lines = [f"C simulation (`make csim`, g++): {csim['samples']} samples, "
+             f"{ref['mismatches']} of {ref['elements']:,} output values "
              f"differ from the NumPy integer reference "
              f"({'bit-exact' if ref['bit_exact'] else 'NOT bit-exact'})."]
     if ort["elements"]:
