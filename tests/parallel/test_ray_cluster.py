@@ -25,12 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
-import onnxruntime as ort
 import pytest
-
-import slimgraph
-from slimgraph.frontend.builtin import get_builtin
 
 CPUS = 2  # the head's --num-cpus
 
@@ -58,19 +53,6 @@ print(json.dumps({"rc": rc, "left": left, "cpus": ray.cluster_resources().get("C
                               for j, n in runners.items()]}))
 ray.shutdown()
 """
-
-
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory):
-    """The mlp exported, its 360 test images as IN.npz, and one session's outputs on them."""
-    root = tmp_path_factory.mktemp("run")
-    slimgraph.export("mlp", root / "art", passes="fold-constants")
-    x = np.concatenate([f["features"] for f in get_builtin("mlp").evaluation().feeds])
-    np.savez(root / "in.npz", features=x)
-    model = ir.load(root / "art" / "model.onnx")
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    return root, session.run(None, {"features": x})[0]
 
 
 def _free_port() -> int:
