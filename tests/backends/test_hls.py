@@ -174,6 +174,8 @@ def test_mixed_ops_int8_bit_exact_and_close_to_onnxruntime(mixed_int8: ir.Model,
     csim = built.details["csim"]
     assert csim["vs_integer_reference"]["bit_exact"]
     assert csim["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999
+    per_layer = csim["vs_onnxruntime"]["per_layer"]
+    assert per_layer["layers"] >= 8 and per_layer["fraction_within_one_step"] >= 0.999
     x = np.concatenate([f["x"] for f in feeds])
     got = HLS.load(built)({"x": x})[0]
     want = session_for(ir.to_proto(mixed_int8).SerializeToString()).run(None, {"x": x})[0]
@@ -330,3 +332,16 @@ def test_agreement_with_onnxruntime_is_enforced(mixed_int8: ir.Model, tmp_path: 
         HLS.build(mixed_int8, tmp_path / "a", {"agreement": 1.0001}, feeds=feeds)
     built = HLS.build(mixed_int8, tmp_path / "b", {}, feeds=feeds)
     assert built.details["csim"]["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999
+
+
+def test_runner_answers_the_recorded_inputs_as_a_fresh_simulation_does(mixed_int8: ir.Model,
+                                                                        tmp_path: Path) -> None:
+    feeds = [{"x": _images(3, 21)}, {"x": _images(2, 22)}]
+    built = HLS.build(mixed_int8, tmp_path, {}, feeds=feeds)
+    recorded, fresh = HLS.load(built), HLS.load(built)
+    fresh.recorded = None
+    for feed in feeds:
+        np.testing.assert_array_equal(recorded(feed)[0], fresh(feed)[0])
+    assert recorded.offset == 5
+    other = {"x": _images(2, 23)}  # not what tb_data holds: simulated
+    np.testing.assert_array_equal(recorded(other)[0], fresh(other)[0])

@@ -619,6 +619,7 @@ class Lowered:
     layers: list[Layer]
     quantized: dict[str, Tensor]  # each QuantizeLinear output of the graph -> its tensor
     stream: bool
+    precision: str | None = None
 
 
 def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -> Lowered:
@@ -642,7 +643,7 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -
         names.add(layer.output.name)
     quantized = {name: lowering.tensors[name] for name in lowering.quantized
                  if name in lowering.tensors}
-    return Lowered(inputs, outputs, layers, quantized, io == "stream")
+    return Lowered(inputs, outputs, layers, quantized, io == "stream", precision)
 
 
 def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
