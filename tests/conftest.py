@@ -88,3 +88,22 @@ def torch_models_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):  # the run tests (tests/parallel)
+    """The mlp exported, its 360 test images as IN.npz, and one session's outputs on them."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    import slimgraph
+    from slimgraph.frontend.builtin import get_builtin
+
+    root = tmp_path_factory.mktemp("run")
+    slimgraph.export("mlp", root / "art", passes="fold-constants")
+    x = np.concatenate([f["features"] for f in get_builtin("mlp").evaluation().feeds])
+    np.savez(root / "in.npz", features=x)
+    model = ir.load(root / "art" / "model.onnx")
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return root, session.run(None, {"features": x})[0]

@@ -180,6 +180,7 @@ class Lowering:
         self.fixed = parse_precision(precision or DEFAULT_PRECISION)
         self.explicit = precision is not None
         self.quantized: dict[str, str] = {}  # QuantizeLinear output -> the tensor holding it
+        self.channels_last: dict[str, tuple[int, ...]] = {}  # io=stream: flattened [H, W, C]
         self.layers: list[Layer] = []
         self.tensors: dict[str, Tensor] = {}  # ONNX value name -> the tensor holding it
         self.pending: dict[str, Layer] = {}  # float results whose output format is not chosen
@@ -235,7 +236,7 @@ class Lowering:
         return fixed_format(*self.fixed)
 
     def new_tensor(self, name: str, shape: tuple[int, ...], fmt: Format) -> Tensor:
-        tensor = Tensor(_c_name(name, len(self.layers)), tuple(int(d) for d in shape), fmt)
+        tensor = Tensor(_c_name(name), tuple(int(d) for d in shape), fmt)
         return tensor
 
     def finalize(self, name: str, fmt: Format) -> Tensor:
@@ -448,7 +449,6 @@ class Lowering:
         self.alias(node.outputs[0], out)
 
     op_Reshape = op_Flatten = op_Squeeze = op_Unsqueeze = reshape
-    channels_last: dict[str, tuple[int, ...]]
 
     def op_MaxPool(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
@@ -628,7 +628,6 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -
     with contextlib.suppress(Exception):  # shapes the graph does not carry (Flatten, Reshape)
         ir.passes.common.ShapeInferencePass()(model)
     lowering = Lowering(model, precision, io)
-    lowering.channels_last = {}
     inputs, outputs, layers = lowering.run()
     if lowering.float_layers:
         raise UnsupportedOpError(
@@ -665,7 +664,7 @@ def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
     return {"drop": drop, "table": table, "divider": round(2.0 ** EXP_BITS / float(out.scale))}
 
 
-def _c_name(name: str, index: int) -> str:
+def _c_name(name: str) -> str:
     cleaned = re.sub(r"[^0-9a-zA-Z_]", "_", name).strip("_") or "t"
     if cleaned[0].isdigit():
         cleaned = f"t_{cleaned}"
