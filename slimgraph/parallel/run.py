@@ -286,8 +286,25 @@ def _ray(address: str | None):
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise InputSpecError(f"run: cannot join the Ray cluster at {address}: {exc}") from exc
+        raise InputSpecError(f"run: cannot join the Ray cluster at {address}: {exc}"
+                             f"{_auth_hint(exc)}") from exc
     return ray
+
+
+def _auth_hint(exc: BaseException) -> str:
+    """Ray's own reason when the head refused the driver's credentials. A head started with
+    token authentication refuses a driver without its token until Ray's connect budget (about
+    20 s) runs out, then ray.init raises a bare "Failed to connect"; the AuthenticationError that
+    says which token is missing is only in the traceback text of the exception's cause."""
+    cause = exc.__cause__ or exc.__context__
+    marker = "AuthenticationError: "
+    while cause is not None:
+        text = str(cause)
+        if marker in text:
+            reason = text[text.index(marker) + len(marker):].strip().splitlines()[0]
+            return f"; the cluster refused this driver's credentials: {reason}"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def _cpu_share(ray, actors: int) -> float:

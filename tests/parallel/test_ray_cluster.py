@@ -141,3 +141,25 @@ def test_run_joins_a_running_cluster_by_address(mlp, ray_head, tmp_path):
 def test_run_ray_auto_joins_the_cluster_in_ray_address(mlp, ray_head, tmp_path):
     # RAY_ADDRESS is what ray.init(address="auto") reads first.
     _run_on_the_cluster(mlp, ray_head, tmp_path, "auto", RAY_ADDRESS=ray_head[0])
+
+
+@pytest.mark.slow
+def test_a_driver_without_the_clusters_token_is_told_why(mlp, ray_head, tmp_path):
+    # The head answers, so the connect check passes; Ray then refuses the driver until its connect
+    # budget runs out (shortened here from ~20 s) and ray.init says only "Failed to connect". The
+    # message must carry Ray's reason, the missing token.
+    address, head_env = ray_head
+    root, _ = mlp
+    out = tmp_path / "out.npz"
+    env = {k: v for k, v in head_env.items() if not k.startswith("RAY_AUTH_")}
+    driver = subprocess.run(
+        [sys.executable, "-m", "slimgraph.cli", "run", str(root / "art"), "--data",
+         str(root / "in.npz"), "-o", str(out), "--ray", address, "--workers", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+        env=env | {"RAY_gcs_server_port_wait_time_s": "2", "HOME": str(tmp_path)})
+    assert driver.returncode == 2, driver.stderr[-4000:]
+    message = [line for line in driver.stderr.splitlines() if "run: cannot join" in line]
+    assert message, driver.stderr[-4000:]
+    assert "refused this driver's credentials" in message[0]
+    assert "RAY_AUTH_TOKEN" in message[0]
+    assert not out.exists()
