@@ -216,15 +216,13 @@ def run(artifact: str | Path, data: str | Path | dict[str, np.ndarray], out: str
             if started:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
-            cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             if art.stages is not None:
                 results, actors, ready = _ray_pipeline(ray, art, batches, threads, bar,
                                                        on_result)
                 mode = "ray pipeline"
             else:
                 results, actors, ready = _ray_replicas(ray, art, batches, workers or 1,
-                                                threads or max(1, cpus // (workers or 1)), bar,
-                                                on_result)
+                                                       threads, bar, on_result)
                 mode = "ray replicas"
         finally:
             if started or joined:
@@ -308,19 +306,37 @@ def _auth_hint(exc: BaseException) -> str:
 
 
 def _cpu_share(ray, actors: int) -> float:
-    """Each of ``actors`` actors' share of the cluster's CPUs (a fraction when they outnumber
-    them, so every actor is placed)."""
-    return max(0.01, float(ray.cluster_resources().get("CPU", 1)) / actors)
+    """The CPUs each of ``actors`` equal actors can ask for and still all be placed on the
+    cluster's alive nodes (a fraction when they outnumber the CPUs)."""
+    nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if not any(nodes):
+        nodes = [float(ray.cluster_resources().get("CPU", 1))]
+    return placeable_share(nodes, actors)
+
+
+def placeable_share(node_cpus: list[float], actors: int) -> float:
+    """The largest CPU count ``s`` such that ``actors`` actors of ``s`` CPUs each fit on nodes
+    with ``node_cpus`` CPUs (none split across nodes). The whole cluster divided by the actors
+    is not it: 3 nodes of 2 CPUs hold 3 CPUs per actor for 2 actors on paper, but no node holds
+    3, and actors that cannot be placed wait forever. The answer is some node's CPUs / k for a
+    count k of actors on it, so those are the candidates."""
+    def fits(share: float) -> bool:
+        return sum(int(c / share + 1e-9) for c in node_cpus) >= actors
+
+    candidates = sorted({c / k for c in node_cpus if c > 0 for k in range(1, actors + 1)},
+                        reverse=True)
+    return max(0.01, next((s for s in candidates if fits(s)), 0.01))
 
 
 def _actor_class(ray, cpus: float):
     return ray.remote(num_cpus=cpus, max_restarts=-1, max_task_retries=-1)(StageRunner)
 
 
-def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int, bar,
+def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int | None, bar,
                   on_result) -> tuple[list, int, float]:
     model = ray.put(art.models[0])
     share = _cpu_share(ray, workers)
+    threads = threads or max(1, int(share))
     actors = [_actor_class(ray, share).remote(model, threads) for _ in range(workers)]
     ray.get([a.pid.remote() for a in actors])  # sessions loaded: the timed part starts
     ready = time.perf_counter()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from slimgraph.cli import main
+from slimgraph.parallel.run import placeable_share
 
 
 def test_local_run_keeps_input_order(mlp, tmp_path):
@@ -46,6 +47,15 @@ def test_unreachable_ray_address(mlp, tmp_path, capsys):
     assert "cannot reach a Ray cluster at 127.0.0.1:9" in capsys.readouterr().err
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize("nodes, actors, share", [
+    ([2.0], 2, 1.0), ([2.0], 3, 2 / 3), ([3.0], 2, 1.5), ([8.0, 8.0], 2, 8.0),
+    # the cluster's CPUs / actors would be 3 and 2.5, which no node holds: never placed
+    ([2.0, 2.0, 2.0], 2, 2.0), ([4.0, 1.0], 2, 2.0),
+    ([4.0, 1.0], 3, 4 / 3), ([1.0, 1.0], 4, 0.5)])
+def test_each_actor_asks_for_cpus_that_some_node_can_give(nodes, actors, share):
+    assert placeable_share(nodes, actors) == pytest.approx(share)
 
 @pytest.fixture(scope="module")
 def ray_local():
