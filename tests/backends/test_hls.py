@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.backends import parse_backend_spec
-from slimgraph.backends.hls import HLS, reference
+from slimgraph.backends.hls import HLS, find_ap_types, reference
 from slimgraph.backends.hls.lower import lower, multiplier
 from slimgraph.backends.ort import session_for
 from slimgraph.calibration import Calibration
@@ -345,3 +345,53 @@ def test_runner_answers_the_recorded_inputs_as_a_fresh_simulation_does(mixed_int
     assert recorded.offset == 5
     other = {"x": _images(2, 23)}  # not what tb_data holds: simulated
     np.testing.assert_array_equal(recorded(other)[0], fresh(other)[0])
+
+
+def _ap_types() -> Path:
+    """Vitis's ap_int.h / hls_stream.h: $XILINX_HLS/include, or the copy in hls4ml's wheel (the
+    dev extra installs hls4ml for it)."""
+    try:
+        return find_ap_types("auto")
+    except BackendError as exc:
+        pytest.skip(str(exc))
+
+
+def _binary_acts_mlp() -> tuple[ir.Model, str, np.ndarray]:
+    from slimgraph.frontend import load
+
+    key, features, _ = _held_out("mlp")
+    qpass = InsertQDQPass(mode="binary", acts="binary", speed_check=False, guard=False)
+    qpass.calibration = Calibration(get_builtin("mlp").calibration(8))
+    return qpass(load("mlp").model.clone()).model, key, features[:16]
+
+
+@pytest.mark.parametrize("case", ["mixed int8 parallel", "mixed int8 stream", "binary mlp"])
+def test_built_with_vitis_types_it_computes_what_the_plain_build_does(
+        case: str, mixed_int8: ir.Model, tmp_path: Path) -> None:
+    # The design as Vitis compiles it: ap_int accumulators and 2-bit sign activations,
+    # hls::stream from Vitis's header, none of the plain build's stand-ins.
+    ap = _ap_types()
+    if case == "binary mlp":
+        model, key, x = _binary_acts_mlp()
+        options: dict = {}
+        classes = 10
+    else:
+        model, key, x = mixed_int8, "x", _images(8, 100)
+        options = {"io": case.split()[-1]}
+        classes = 5
+    built = HLS.build(model, tmp_path, options | {"ap_types": str(ap)}, feeds=[{key: x}])
+    plain = np.loadtxt(tmp_path / "hls/tb_data/csim_outputs.txt", dtype=np.int64, ndmin=2)
+    vitis = np.loadtxt(tmp_path / "hls/tb_data/csim_ap_outputs.txt", dtype=np.int64, ndmin=2)
+    assert plain.shape == vitis.shape == (len(x), classes)
+    np.testing.assert_array_equal(vitis, plain)
+    assert built.details["csim"]["vitis_types"] == {
+        "headers": str(ap), "elements": plain.size, "mismatches": 0, "identical": True}
+    assert "make csim-ap" in (tmp_path / "hls/Makefile").read_text()
+
+
+def test_ap_types_that_are_not_there_fail_before_writing(mixed_int8: ir.Model,
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="no ap_int.h and hls_stream.h found .*XILINX_HLS"):
+        HLS.build(mixed_int8, tmp_path / "out", {"ap_types": str(tmp_path)},
+                  feeds=[{"x": _images(2, 1)}])
+    assert not (tmp_path / "out").exists()

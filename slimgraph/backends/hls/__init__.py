@@ -14,11 +14,16 @@ layer recomputed from onnxruntime's own inputs; end to end, one-step differences
 depth and are reported, not required); ``precision``
 ap_fixed<W,I> for float activations (default ap_fixed<16,6>; given explicitly it also
 lets float-weight layers through as fixed point); ``part`` and ``clock_ns`` for build.tcl
-(defaults: hls4ml's Vitis defaults, xcvu13p-flga2577-2-e at 5 ns); ``csim`` (default true).
+(defaults: hls4ml's Vitis defaults, xcvu13p-flga2577-2-e at 5 ns); ``csim`` (default true);
+``ap_types`` (default off): also build the C simulation with Vitis's own ap_int / hls::stream
+headers (``make csim-ap``) and require its outputs identical to the plain build's; a directory
+holding ap_int.h and hls_stream.h, or ``auto`` for $XILINX_HLS/include or else the copy hls4ml's
+wheel carries (hls4ml is not imported, only its headers are read).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +50,7 @@ ESTIMATE_FILE = "estimate.json"
 CSIM_FILE = "csim.json"
 INPUTS_FILE = "tb_data/inputs.txt"
 OUTPUTS_FILE = "tb_data/csim_outputs.txt"
+AP_OUTPUTS_FILE = "tb_data/csim_ap_outputs.txt"
 DEFAULT_PART = "xcvu13p-flga2577-2-e"
 DEFAULT_CLOCK_NS = 5.0
 IO_MODES = ("parallel", "stream")
@@ -65,7 +71,8 @@ class HlsBackend:
 
     def default_options(self) -> dict[str, Any]:
         return {"io": "parallel", "reuse": 1, "precision": None, "part": DEFAULT_PART,
-                "clock_ns": DEFAULT_CLOCK_NS, "csim": True, "agreement": DEFAULT_AGREEMENT}
+                "clock_ns": DEFAULT_CLOCK_NS, "csim": True, "agreement": DEFAULT_AGREEMENT,
+                "ap_types": None}
 
     def available(self) -> bool:
         return toolchain_missing() is None
@@ -96,6 +103,8 @@ class HlsBackend:
     def build(self, model: ir.Model, root: Path, options: dict[str, Any],
               feeds: Sequence[Feeds] | None = None) -> BuiltArtifact:
         options = self.options(options)
+        ap_types = (None if options["ap_types"] in (None, False, "off")
+                    else find_ap_types(str(options["ap_types"])))
         lowered = lower(model, options["precision"], options["io"])
         for layer in lowered.layers:
             if unroll(layer, options["reuse"]) > VITIS_UNROLL_LIMIT:
@@ -123,7 +132,7 @@ class HlsBackend:
             raw = [np.concatenate([to_device(io["input"], f[io["input"]["name"]]) for f in feeds])]
             written.append(write_samples(out / INPUTS_FILE, raw[0]))
             if options["csim"] and toolchain_missing() is None:
-                csim = run_csim_check(model, lowered, out, feeds, raw, io)
+                csim = run_csim_check(model, lowered, out, feeds, raw, io, ap_types)
                 o = csim["vs_onnxruntime"]["per_layer"]
                 agreement = o["fraction_within_one_step"]
                 if agreement is not None and agreement < options["agreement"]:
@@ -133,6 +142,8 @@ class HlsBackend:
                         f"execution of the same graph (required: agreement="
                         f"{options['agreement']}); at most {o['max_steps']} steps apart")
                 written += [out / OUTPUTS_FILE, out / CSIM_FILE]
+                if ap_types is not None:
+                    written.append(out / AP_OUTPUTS_FILE)
                 details["csim"] = csim
                 report += ["", *csim_markdown(csim)]
             elif options["csim"]:
@@ -180,16 +191,41 @@ class CsimRunner:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
-def compile_csim(project: Path, build_dir: Path) -> Path:
-    """``make`` the C simulation into ``build_dir`` with the project's Makefile; exit code checked."""
+def find_ap_types(given: str) -> Path:
+    """The directory holding Vitis's ap_int.h and hls_stream.h: ``given``, or for ``auto``
+    $XILINX_HLS/include, then the copy in hls4ml's wheel (found, not imported)."""
+    if given != "auto":
+        candidates = [Path(given)]
+    else:
+        candidates = []
+        if os.environ.get("XILINX_HLS"):
+            candidates.append(Path(os.environ["XILINX_HLS"]) / "include")
+        spec = importlib.util.find_spec("hls4ml")
+        if spec is not None and spec.origin:
+            candidates.append(Path(spec.origin).parent / "templates" / "vivado" / "ap_types")
+    for directory in candidates:
+        if (directory / "ap_int.h").is_file() and (directory / "hls_stream.h").is_file():
+            return directory.resolve()
+    looked = ", ".join(str(c) for c in candidates) or "$XILINX_HLS unset, hls4ml not installed"
+    raise BackendError(f"hls: ap_types={given}: no ap_int.h and hls_stream.h found ({looked}); "
+                       "give the directory: $XILINX_HLS/include under Vitis, or pip install "
+                       "hls4ml==1.3.0, whose wheel carries them")
+
+
+def compile_csim(project: Path, build_dir: Path, target: str = "csim",
+                 ap_types: Path | None = None) -> Path:
+    """``make`` the C simulation (``target`` csim, or csim_ap with Vitis's types from
+    ``ap_types``) into ``build_dir`` with the project's Makefile; exit code checked."""
     missing = toolchain_missing()
     if missing:
         raise BackendError(f"hls: cannot build the C simulation: {missing}")
-    binary = build_dir / "csim"
-    result = subprocess.run(["make", "-s", "-C", str(project), f"BUILD={build_dir}", str(binary)],
+    binary = build_dir / target
+    variables = [f"AP_TYPES={ap_types}"] if ap_types is not None else []
+    result = subprocess.run(["make", "-s", "-C", str(project), f"BUILD={build_dir}", *variables,
+                             str(binary)],
                             capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
     if result.returncode != 0:
-        raise BackendError(f"hls: the C simulation did not compile (make exit "
+        raise BackendError(f"hls: the C simulation ({target}) did not compile (make exit "
                            f"{result.returncode}):\n{result.stderr[-4000:]}")
     return binary
 
@@ -252,11 +288,16 @@ def from_device(spec: dict[str, Any], raw: np.ndarray) -> np.ndarray:
 
 # -- verification at build time ----------------------------------------------------------------
 def run_csim_check(model: ir.Model, lowered: Lowered, project: Path, feeds: Sequence[Feeds],
-                   raw_inputs: list[np.ndarray], io: dict[str, Any]) -> dict[str, Any]:
-    """Build and run ``make csim``; require bit-exactness against the integer reference."""
+                   raw_inputs: list[np.ndarray], io: dict[str, Any],
+                   ap_types: Path | None = None) -> dict[str, Any]:
+    """Build and run ``make csim``; require bit-exactness against the integer reference, and
+    with ``ap_types`` the Vitis-types build's outputs identical to it."""
     with tempfile.TemporaryDirectory(prefix="slimgraph-csim-") as build:
         binary = compile_csim(project, Path(build))
         out = run_binary(binary, project / INPUTS_FILE, project / OUTPUTS_FILE)
+        if ap_types is not None:
+            ap_binary = compile_csim(project, Path(build), "csim_ap", ap_types)
+            ap_out = run_binary(ap_binary, project / INPUTS_FILE, project / AP_OUTPUTS_FILE)
     shape = io["input"]["shape"]
     logical = [raw_inputs[0].reshape(len(raw_inputs[0]), *(
         (shape[1], shape[2], shape[0]) if io["input"]["layout"] == "HWC" else shape))]
@@ -274,10 +315,18 @@ def run_csim_check(model: ir.Model, lowered: Lowered, project: Path, feeds: Sequ
                                  "bit_exact": mismatches == 0},
         "vs_onnxruntime": compare_onnxruntime(model, lowered, feeds, values, io),
     }
+    if ap_types is not None:
+        differ = int((ap_out != out).sum()) if ap_out.shape == out.shape else int(out.size)
+        report["vitis_types"] = {"headers": str(ap_types), "elements": int(out.size),
+                                 "mismatches": differ, "identical": differ == 0}
     _write_json(project / CSIM_FILE, report)
     if mismatches:
         raise BackendError(f"hls: the C simulation differs from the integer reference in "
                            f"{mismatches} of {out.size} output values")
+    if report.get("vitis_types", {}).get("mismatches"):
+        raise BackendError(f"hls: built with Vitis's ap_int / hls::stream ({ap_types}), the C "
+                           f"simulation differs from the plain build in "
+                           f"{report['vitis_types']['mismatches']} of {out.size} output values")
     return report
 
 
@@ -288,6 +337,11 @@ def csim_markdown(csim: dict[str, Any]) -> list[str]:
              f"{ref['mismatches']} of {ref['elements']:,} output values "
              f"differ from the NumPy integer reference "
              f"({'bit-exact' if ref['bit_exact'] else 'NOT bit-exact'})."]
+    if "vitis_types" in csim:
+        ap = csim["vitis_types"]
+        lines.append(f"Built again with Vitis's ap_int and hls::stream (`make csim-ap`, headers "
+                     f"from `{ap['headers']}`): {ap['elements'] - ap['mismatches']:,} of "
+                     f"{ap['elements']:,} output values identical to the plain build.")
     local = ort["per_layer"]
     if local["elements"]:
         lines.append(f"Against onnxruntime on the same graph, layer by layer ({local['layers']} "
@@ -376,4 +430,4 @@ def _version() -> str:
 
 HLS = HlsBackend()
 
-__all__ = ["HLS", "CsimRunner", "HlsBackend", "compile_csim"]
+__all__ = ["HLS", "CsimRunner", "HlsBackend", "compile_csim", "find_ap_types"]

@@ -36,7 +36,10 @@ template <class CFG> struct Mac {
     }
   }
 
-  typename CFG::acc_t result() const { return CFG::kind == 2 ? acc + 2 * agree - nonzero : acc; }
+  // Both arms acc_t: under Vitis, acc + int is a wider ap_int than acc and ?: will not mix them.
+  typename CFG::acc_t result() const {
+    return CFG::kind == 2 ? typename CFG::acc_t(acc + 2 * agree - nonzero) : acc;
+  }
 };
 
 // x - zero_point, or 0 outside the input (padding is the real value 0).

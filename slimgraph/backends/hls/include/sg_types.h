@@ -54,8 +54,20 @@ template <class T> class stream {
 #include <hls_stream.h>
 
 namespace sg {
+// Odd widths are ap_int / ap_uint. The standard widths are <stdint.h> types, the same bits in
+// hardware: a const array of them is static data, where a const array of ap_int runs a
+// constructor per element at start-up, and g++ compiling resnet-tiny's 36k int8 weights that way
+// needed 7 GB, 13 minutes and an unlimited stack (a segfault in cc1plus without it).
 template <int N> struct sint { typedef ap_int<N> type; };
 template <int N> struct uint { typedef ap_uint<N> type; };
+template <> struct sint<8> { typedef int8_t type; };
+template <> struct sint<16> { typedef int16_t type; };
+template <> struct sint<32> { typedef int32_t type; };
+template <> struct sint<64> { typedef int64_t type; };
+template <> struct uint<8> { typedef uint8_t type; };
+template <> struct uint<16> { typedef uint16_t type; };
+template <> struct uint<32> { typedef uint32_t type; };
+template <> struct uint<64> { typedef uint64_t type; };
 }  // namespace sg
 #endif
 
