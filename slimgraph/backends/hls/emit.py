@@ -107,7 +107,7 @@ class Emitter:
                 note = "+1/-1 weights packed 8 per byte, bit set = +1"
             else:
                 wbits = bits_of(p["weight"])
-                typedefs["w_t"] = ctype(wbits, True)
+                typedefs["w_t"] = f"sg::wstore<{wbits}>::type"  # N bits in synthesis
                 weights.insert(0, {"ctype": typedefs["w_t"], "name": f"w_{index}",
                                    "size": p["weight"].size, "lines": _lines(p["weight"])})
                 note = f"{p['weight_kind']} weights, {wbits}-bit"

@@ -72,6 +72,19 @@ template <> struct uint<64> { typedef uint64_t type; };
 #endif
 
 namespace sg {
+// Constant weight arrays: N bits wide in synthesis (a ROM of ap_int<N>); in any C simulation the
+// standard type that holds N bits, the same values (weights fit N by construction). An array of
+// 100k ap_int<9> runs 100k constructors at start-up and took g++ 220 s to compile.
+#if defined(__SYNTHESIS__) && !defined(SG_PLAIN_TYPES)
+template <int N> struct wstore { typedef typename sint<N>::type type; };
+#else
+template <int N> struct wstore {
+  typedef typename sint<(N <= 8 ? 8 : N <= 16 ? 16 : N <= 32 ? 32 : 64)>::type type;
+};
+#endif
+}  // namespace sg
+
+namespace sg {
 
 // Requantization of one output channel: y = round_half_even(acc * m / 2^shift) + post.
 struct rq_t {
