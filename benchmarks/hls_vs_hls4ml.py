@@ -69,6 +69,8 @@ def _bytes(root: Path, skip: tuple[str, ...] = ()) -> int:
 
 def slimgraph_row(label: str, model: str, passes: str, backend: str, work: Path) -> dict[str, Any]:
     out = work / label.replace(" ", "_").replace("<", "").replace(">", "").replace(",", "_")
+    # the project is also built with Vitis's ap_int / hls::stream (hls4ml's wheel carries them)
+    backend += ("," if ":" in backend else ":") + "ap_types=auto"
     start = time.perf_counter()
     result = slimgraph.export(model, out, passes=passes, backends=[backend], force=True,
                               allow_mismatch=True)
@@ -90,6 +92,7 @@ def slimgraph_row(label: str, model: str, passes: str, backend: str, work: Path)
         "tool": "slimgraph", "model": model, "passes": passes, "backend": backend,
         "n_test": len(x), "export_s": round(export_s, 2), "csim_build_s": round(build_s, 2),
         "bit_exact_vs_integer_reference": csim["vs_integer_reference"]["bit_exact"],
+        "vitis_types": csim.get("vitis_types"),
         "verification_samples": csim["samples"],
         "vs_onnxruntime": csim["vs_onnxruntime"],
         "estimate": built.details["estimate"],
@@ -158,18 +161,24 @@ def _markdown(results: dict[str, Any]) -> str:
         "simulation only (no Vitis here). Held-out split of scikit-learn digits (360 images), "
         "trained weights.", "",
         "| tool | model / variant | csim test acc | ONNX graph acc | float acc | agreement w/ float "
-        "| bit-exact vs integer ref | csim build s | firmware bytes (model only) |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "| bit-exact vs integer ref | Vitis ap_int build identical | csim build s "
+        "| firmware bytes (model only) |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for label, r in results["rows"].items():
         if r.get("error"):
-            lines.append(f"| {r['tool']} | {label} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['tool']} | {label} | error: {r['error']} | | | | | | | |")
             continue
         exact = {True: "yes", False: "NO", None: "-"}[r.get("bit_exact_vs_integer_reference")]
+        vitis = r.get("vitis_types")
+        vitis_cell = "-" if not vitis else (
+            f"{'yes' if vitis['identical'] else 'NO'} "
+            f"({vitis['elements'] - vitis['mismatches']:,} / {vitis['elements']:,})")
         lines.append(
             f"| {r['tool']} | {label} | {_pct(r.get('csim_accuracy'))} | "
             f"{_pct(r.get('onnx_accuracy'))} | {_pct(r.get('float_accuracy'))} | "
-            f"{_pct(r.get('agreement_with_float'))} | {exact} | {r['csim_build_s']} | "
+            f"{_pct(r.get('agreement_with_float'))} | {exact} | {vitis_cell} | "
+            f"{r['csim_build_s']} | "
             f"{r['firmware_bytes']:,} ({r['model_firmware_bytes']:,}) |")
     lines += ["", "## slimgraph against onnxruntime on the same graph, and the estimate", "",
               "| row | layer by layer: within one step | end to end: within one step | max steps "
@@ -255,6 +264,11 @@ def main() -> None:
         "compared with onnxruntime's float execution of the same graph (steps of 2^-10).",
         "- csim build s: hls4ml's compile() (g++ -O3, a shared library); slimgraph's runner "
         "building the project's Makefile target (g++ -O2).",
+        "- Vitis ap_int build identical: the same project compiled again with Xilinx's open-source "
+        "ap_int.h / hls_stream.h (the copy hls4ml's wheel carries) in place of plain integer types "
+        "(`make csim-ap`, backend option ap_types=auto), its outputs compared value for value with "
+        "the plain build's on the 256 verification samples. EfficientNet-Lite1 not run that way "
+        "(ap_int arithmetic is emulated, ~10x slower).",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
