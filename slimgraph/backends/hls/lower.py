@@ -236,8 +236,7 @@ class Lowering:
         return fixed_format(*self.fixed)
 
     def new_tensor(self, name: str, shape: tuple[int, ...], fmt: Format) -> Tensor:
-        tensor = Tensor(_c_name(name), tuple(int(d) for d in shape), fmt)
-        return tensor
+        return Tensor(_c_name(name), tuple(int(d) for d in shape), fmt)
 
     def finalize(self, name: str, fmt: Format) -> Tensor:
         """Choose the output format of a pending layer: its requantization and clamp."""
