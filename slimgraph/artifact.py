@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from slimgraph.errors import OutputExistsError
+from slimgraph.errors import OutputExistsError, OutputPathError
 
 MANIFEST = "manifest.json"
 
@@ -24,10 +24,7 @@ def staged_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
 
     A killed process leaves only a dot-prefixed ``.<name>.tmp-*`` sibling, never a partial ``out``.
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: output directory exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_path(out, force=force, kind="output directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary dir
     try:
@@ -42,6 +39,47 @@ def staged_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_path(out: str | Path, *, force: bool = False, kind: str = "output") -> Path:
+    """``out`` as a Path whose parent exists (created if missing) as a directory, refused with one
+    line when it cannot be written: it exists (without ``force``), is a dangling symlink, has no
+    name, or a component of its parent is a file."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise OutputPathError(f"{out}: not a usable {kind} path")
+    if out.is_symlink() and not out.exists():
+        raise OutputPathError(f"{out}: {kind} is a dangling symlink; remove it or choose another path")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: {kind} exists; pass --force to replace it")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputPathError(f"{out}: {parent} is not a directory")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"{out}: cannot create its folder ({exc.strerror})") from exc
+    return out
+
+
+@contextlib.contextmanager
+def staged_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file ``out``; on success it is renamed onto ``out``,
+    on error it vanishes (the one-file twin of ``staged_dir``)."""
+    out = check_output_path(out, force=force, kind="output file")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a directory, expected a file path")
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -35,3 +35,19 @@ class BackendError(SlimgraphError):
 
 class VerificationError(SlimgraphError):
     """The artifact's outputs diverge from the float reference beyond tolerance."""
+
+
+class DataError(SlimgraphError):
+    """A data file (npz, text) is unreadable, empty, or holds values that cannot be used."""
+
+
+class PartitionError(SlimgraphError):
+    """A partition folder or its pipeline.json is malformed, escapes its folder, or fails its hashes."""
+
+
+class CatalogueError(SlimgraphError):
+    """A device catalogue (advise --devices) has a missing, mistyped or out-of-range field."""
+
+
+class OutputPathError(SlimgraphError):
+    """An output path cannot be written (its parent is a file, a dangling symlink, ...)."""

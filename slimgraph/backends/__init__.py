@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -24,7 +25,8 @@ def get_backend(name: str) -> Backend:
 def parse_backend_spec(spec: str) -> tuple[Backend, dict[str, Any]]:
     """``ort-cpu:intra_op_num_threads=2`` -> (backend, {"intra_op_num_threads": 2}).
 
-    A comma inside angle brackets belongs to the value (``hls:precision=ap_fixed<16,6>``).
+    A comma inside angle brackets belongs to the value (``hls:precision=ap_fixed<16,6>``). The
+    options are checked by the backend's ``options()`` here, at the edge.
     """
     name, _, rest = spec.partition(":")
     backend = get_backend(name.strip())
@@ -33,19 +35,23 @@ def parse_backend_spec(spec: str) -> tuple[Backend, dict[str, Any]]:
         key, eq, value = token.partition("=")
         if not eq:
             raise BackendError(f"backend {name!r}: option {token!r} needs key=value")
-        options[key.strip()] = _parse_value(value.strip())
+        options[key.strip()] = _parse_value(name, key.strip(), value.strip())
+    backend.options(options)  # every value checked here, before a model is loaded
     return backend, options
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(backend: str, key: str, text: str) -> Any:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
     for cast in (int, float):
         try:
-            return cast(text)
+            value = cast(text)
         except ValueError:
-            pass
+            continue
+        if not math.isfinite(value):
+            raise BackendError(f"backend {backend!r}: option {key}={text!r} is not a finite number")
+        return value
     return text
 
 

@@ -41,6 +41,9 @@ class Backend(Protocol):
     def buildable(self) -> bool:
         """Can it build here, even if it cannot run (code generation only)?"""
 
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The defaults updated by ``given``, every value checked; BackendError names a bad one."""
+
     def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
         """Write the backend's files under ``root`` (the artifact dir; model.onnx is already there)."""
 

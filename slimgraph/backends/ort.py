@@ -154,14 +154,26 @@ class OrtBackend:
                                "use_tf32": 0}
         return options
 
-    def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
-        unknown = set(options) - set(self.default_options())
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The defaults updated by ``given``, or BackendError naming the unknown or mistyped one."""
+        defaults = self.default_options()
+        unknown = set(given) - set(defaults)
         if unknown:
             raise BackendError(
                 f"{self.name}: unknown option(s) {', '.join(sorted(unknown))}; "
-                f"valid: {', '.join(self.default_options())}"
+                f"valid: {', '.join(defaults)}"
             )
-        config = {**self.default_options(), **options, "model": f"../{MODEL_FILE}",
+        options = {**defaults, **given}
+        threads = options["intra_op_num_threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise BackendError(f"{self.name}: intra_op_num_threads={threads!r} must be an integer >= 0")
+        if not isinstance(options["allow_spinning"], bool):
+            raise BackendError(f"{self.name}: allow_spinning={options['allow_spinning']!r} must be "
+                               "true or false")
+        return options
+
+    def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
+        config = {**self.options(options), "model": f"../{MODEL_FILE}",
                   "providers": self._providers_names()}
         out = root / self.name
         out.mkdir(parents=True, exist_ok=True)

@@ -326,12 +326,17 @@ def test_same_input_same_files(mixed_int8: ir.Model, tmp_path: Path) -> None:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_agreement_with_onnxruntime_is_enforced(mixed_int8: ir.Model, tmp_path: Path) -> None:
+def test_agreement_with_onnxruntime_is_enforced(mixed_int8: ir.Model, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     feeds = [{"x": _images(4, 12)}]
-    with pytest.raises(BackendError, match="within one step of onnxruntime"):
-        HLS.build(mixed_int8, tmp_path / "a", {"agreement": 1.0001}, feeds=feeds)
-    built = HLS.build(mixed_int8, tmp_path / "b", {}, feeds=feeds)
+    built = HLS.build(mixed_int8, tmp_path / "b", {"agreement": 1.0}, feeds=feeds)
     assert built.details["csim"]["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999
+    import slimgraph.backends.hls as hls  # values two steps off onnxruntime must fail the export
+
+    counts = hls._agreement
+    monkeypatch.setattr(hls, "_agreement", lambda pairs: counts((m + 2, t) for m, t in pairs))
+    with pytest.raises(BackendError, match="within one step of onnxruntime"):
+        HLS.build(mixed_int8, tmp_path / "a", {"agreement": 0.999}, feeds=feeds)
 
 
 def test_runner_answers_the_recorded_inputs_as_a_fresh_simulation_does(mixed_int8: ir.Model,

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph import codegen
 from slimgraph.backends.base import BuiltArtifact
 from slimgraph.backends.hls import emit, reference
 from slimgraph.backends.hls.estimate import VITIS_UNROLL_LIMIT, estimate, markdown, unroll
@@ -55,6 +56,7 @@ DEFAULT_PART = "xcvu13p-flga2577-2-e"
 DEFAULT_CLOCK_NS = 5.0
 IO_MODES = ("parallel", "stream")
 COMPILE_TIMEOUT_S = 600
+MAX_REUSE = 1 << 20
 DEFAULT_AGREEMENT = 0.999  # of quantized values within one step of onnxruntime's
 
 
@@ -92,14 +94,26 @@ class HlsBackend:
         options |= given
         if options["io"] not in IO_MODES:
             raise BackendError(f"hls: io={options['io']!r}; valid: {', '.join(IO_MODES)}")
-        if not isinstance(options["reuse"], int) or options["reuse"] < 1:
-            raise BackendError(f"hls: reuse={options['reuse']!r} must be an integer >= 1")
+        reuse = options["reuse"]
+        if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= MAX_REUSE:
+            raise BackendError(f"hls: reuse={reuse!r} must be an integer from 1 to {MAX_REUSE}")
         if options["precision"] is not None:
             parse_precision(str(options["precision"]))
         if options["ap_types"] in (False, "off"):  # ap_types=false / off: the default, none
             options["ap_types"] = None
-        if not isinstance(options["clock_ns"], int | float) or options["clock_ns"] <= 0:
-            raise BackendError(f"hls: clock_ns={options['clock_ns']!r} must be > 0")
+        if options["ap_types"] is not None:
+            find_ap_types(str(options["ap_types"]))
+        agreement = options["agreement"]
+        if isinstance(agreement, bool) or not isinstance(agreement, int | float) \
+                or not 0 <= agreement <= 1:  # NaN fails the comparison too
+            raise BackendError(f"hls: agreement={agreement!r} must be a fraction from 0 to 1")
+        if not isinstance(options["csim"], bool):
+            raise BackendError(f"hls: csim={options['csim']!r} must be true or false")
+        try:  # written into build.tcl and the Makefile: checked against their patterns here
+            codegen.part(options["part"])
+            options["clock_ns"] = codegen.clock_ns(options["clock_ns"])
+        except ValueError as exc:
+            raise BackendError(f"hls: {exc}") from exc
         return options
 
     def build(self, model: ir.Model, root: Path, options: dict[str, Any],
@@ -206,7 +220,10 @@ def find_ap_types(given: str) -> Path:
             candidates.append(Path(spec.origin).parent / "templates" / "vivado" / "ap_types")
     for directory in candidates:
         if (directory / "ap_int.h").is_file() and (directory / "hls_stream.h").is_file():
-            return directory.resolve()
+            try:  # handed to make, which expands '$' in it, and to its recipes' shell
+                return Path(codegen.make_path(directory))
+            except ValueError as exc:
+                raise BackendError(f"hls: ap_types={codegen.text(given)}: {exc}") from exc
     looked = ", ".join(str(c) for c in candidates) or "$XILINX_HLS unset, hls4ml not installed"
     raise BackendError(f"hls: ap_types={given}: no ap_int.h and hls_stream.h found ({looked}); "
                        "give the directory: $XILINX_HLS/include under Vitis, or pip install "
@@ -220,9 +237,13 @@ def compile_csim(project: Path, build_dir: Path, target: str = "csim",
     missing = toolchain_missing()
     if missing:
         raise BackendError(f"hls: cannot build the C simulation: {missing}")
-    binary = build_dir / target
-    variables = [f"AP_TYPES={ap_types}"] if ap_types is not None else []
-    result = subprocess.run(["make", "-s", "-C", str(project), f"BUILD={build_dir}", *variables,
+    try:  # make expands '$' in a command-line variable, and its recipes run in a shell
+        build = codegen.make_path(build_dir)
+        variables = [f"AP_TYPES={codegen.make_path(ap_types)}"] if ap_types is not None else []
+    except ValueError as exc:
+        raise BackendError(f"hls: cannot build the C simulation: {exc}") from exc
+    binary = Path(build) / target
+    result = subprocess.run(["make", "-s", "-C", str(project), f"BUILD={build}", *variables,
                              str(binary)],
                             capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
     if result.returncode != 0:

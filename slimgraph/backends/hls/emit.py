@@ -8,12 +8,18 @@
     hls/tb_data/inputs.txt        the verification inputs, quantized
     hls/Makefile                  ``make csim``: g++ builds and runs design + testbench
     hls/build.tcl                 Vitis HLS: csim, synthesis, IP export
+
+Every identifier comes from one ``codegen.Namespace`` (tensors first, so they keep their own
+names where they can; then the per-layer configs, arrays and FIFOs) and every name from the model
+in a comment from ``codegen.text``; the Jinja2 environment refuses any other text that could end
+a comment, a string or a line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,18 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from slimgraph import codegen
 from slimgraph.backends.hls.lower import Layer, Lowered, Tensor
+from slimgraph.errors import BackendError
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = ("sg_types.h", "sg_layers.h", "sg_stream.h")
 VALUES_PER_LINE = 16
 KIND = {"int8": 0, "fixed": 0, "binary": 1}
+TOP_NAMES = ("in", "out", "model", "in_t", "out_t")  # the top function, its ports and their types
+# What a rendered value may hold: generated code and codegen.text's output, never a newline,
+# quote, backslash, '/', '*', '?', '#' or '$' (which could end a comment or string or splice a line).
+RENDERABLE = re.compile(r"[A-Za-z0-9 _.,:;=+()<>\[\]{}@~^|!&%-]*\Z")
 
 
 @dataclasses.dataclass
@@ -46,10 +58,6 @@ def ctype(bits: int, signed: bool) -> str:
     return f"sg::{'sint' if signed else 'uint'}<{bits}>::type"
 
 
-def type_name(tensor: Tensor) -> str:
-    return f"{tensor.name}_t"
-
-
 def _lines(values: np.ndarray, text=str) -> list[str]:
     flat = [text(v) for v in np.asarray(values).reshape(-1)]
     return [", ".join(flat[i:i + VALUES_PER_LINE]) + "," for i in range(0, len(flat), VALUES_PER_LINE)]
@@ -67,18 +75,37 @@ class Emitter:
         self.layers = layers = lowered.layers
         self.project = project
         self.stream = project.io == "stream"
-        self.rendered: list[dict[str, Any]] = []
         consumers: dict[str, list[int]] = {}
         for index, layer in enumerate(layers):
             for tensor in layer.inputs:
                 consumers.setdefault(tensor.name, []).append(index)
         self.consumers = consumers
         if self.output.name in consumers or self.output.name == self.input.name:
-            raise ValueError("hls: the output tensor must be produced by the last of its readers")
+            raise BackendError("hls: the output tensor must be produced by the last of its readers")
+        self.names = codegen.Namespace(TOP_NAMES)
+        self.idents = {self.input.name: "in", self.output.name: "out"}
+        for layer in layers:  # tensors first: they keep their own (mangled) names where they can
+            if layer.output.name not in self.idents:
+                self.idents[layer.output.name] = self.names.ident(layer.output.name, "tensor")
+        self.types = {t.name: self.names.ident(t.name, "type", f"{t.name}_t")
+                      for t in [self.input] + [layer.output for layer in layers]}
+
+    def ident(self, tensor: Tensor) -> str:
+        """The buffer (or FIFO) identifier of ``tensor``: ``in``, ``out`` or its mangled name."""
+        return self.idents[tensor.name]
+
+    def generated(self, role: str, index: int, hint: str) -> str:
+        """A per-layer identifier (config struct, weight array), unique in the project."""
+        return self.names.ident(str(index), role, hint)
+
+    def type_name(self, tensor: Tensor) -> str:
+        return self.types[tensor.name]
 
     # -- per layer ---------------------------------------------------------------------------
     def layer_dict(self, index: int, layer: Layer) -> dict[str, Any]:
-        cfg = f"cfg{index}_{layer.output.name}"[:60]
+        cfg = self.generated("cfg", index, f"cfg{index}_{self.ident(layer.output)}")
+        arrays = {role: self.generated(role, index, f"{role}_{index}")
+                  for role in ("w", "b", "rq", "table")}
         ints: dict[str, int] = {"reuse": self.project.reuse}
         longs = {"lo": layer.lo, "hi": layer.hi}
         typedefs: dict[str, str] = {}
@@ -88,7 +115,7 @@ class Emitter:
         extra_structs: list[dict[str, Any]] = []
         if layer.requant is not None:
             rq = layer.requant
-            weights.append({"ctype": "sg::rq_t", "name": f"rq_{index}", "size": len(rq.m),
+            weights.append({"ctype": "sg::rq_t", "name": arrays["rq"], "size": len(rq.m),
                             "lines": [f"{{{m}, {s}, {q}}}," for m, s, q in zip(rq.m, rq.shift, rq.post,
                                                                                strict=True)]})
         note = ""
@@ -102,16 +129,16 @@ class Emitter:
             if kind:
                 typedefs["w_t"] = "uint8_t"
                 packed = pack_signs(p["weight"])
-                weights.insert(0, {"ctype": "uint8_t", "name": f"w_{index}", "size": packed.size,
+                weights.insert(0, {"ctype": "uint8_t", "name": arrays["w"], "size": packed.size,
                                    "lines": _lines(packed)})
-                note = "+1/-1 weights packed 8 per byte, bit set = +1"
+                note = "+1 or -1 weights packed 8 per byte, bit set = +1"
             else:
                 wbits = bits_of(p["weight"])
                 typedefs["w_t"] = f"sg::wstore<{wbits}>::type"  # N bits in synthesis
-                weights.insert(0, {"ctype": typedefs["w_t"], "name": f"w_{index}",
+                weights.insert(0, {"ctype": typedefs["w_t"], "name": arrays["w"],
                                    "size": p["weight"].size, "lines": _lines(p["weight"])})
                 note = f"{p['weight_kind']} weights, {wbits}-bit"
-            weights.insert(1, {"ctype": typedefs["acc_t"], "name": f"b_{index}",
+            weights.insert(1, {"ctype": typedefs["acc_t"], "name": arrays["b"],
                                "size": len(p["bias"]), "lines": _lines(p["bias"])})
         if layer.kind == "conv":
             ci, h, w = x.shape
@@ -137,7 +164,7 @@ class Emitter:
                      "pad_value": x.fmt.zero_point if average else x.fmt.low}
             typedefs["acc_t"] = ctype(max(p.get("acc_bits", 32), 2), True)
             if not average:
-                weights.append({"ctype": "sg::rq_t", "name": f"rq_{index}", "size": 1,
+                weights.append({"ctype": "sg::rq_t", "name": arrays["rq"], "size": 1,
                                 "lines": ["{1, 0, 0},"]})
                 longs = {"lo": x.fmt.low, "hi": x.fmt.high}
             if self.stream:
@@ -154,7 +181,8 @@ class Emitter:
         elif layer.kind == "concat":
             if self.stream:
                 if len(layer.inputs) != 2:
-                    raise ValueError("hls: io=stream concatenates two maps at a time")
+                    raise BackendError(f"hls: {codegen.text(layer.node)!r}: io=stream concatenates "
+                                       f"two maps at a time, not {len(layer.inputs)}; use io=parallel")
                 a, b = layer.inputs
                 ints |= {"pixels": int(np.prod(a.shape[1:])), "ca": a.shape[0], "cb": b.shape[0],
                          "zp_a": a.fmt.zero_point, "zp_b": b.fmt.zero_point}
@@ -164,19 +192,19 @@ class Emitter:
                 offset = 0
                 calls = []
                 for j, part in enumerate(layer.inputs):
-                    name = f"{cfg}_part{j}"
+                    name = self.generated(f"part{j}", index, f"{cfg}_part{j}")
                     extra_structs.append({"name": name, "ints": {
                         "size": part.size, "zp_in": part.fmt.zero_point, "offset": offset,
                         "reuse": self.project.reuse}.items(), "longs": (
                         {"m": p["m"][j]} | longs).items(), "typedefs": {}.items()})
                     offset += part.size
                     calls.append(f"sg::concat_part<{name}>({self.buffer(part, index)}, "
-                                 f"{self.buffer(layer.output, index)}, rq_{index})")
+                                 f"{self.buffer(layer.output, index)}, {arrays['rq']})")
                 return self.finish(index, layer, cfg, ints, longs, typedefs, weights, note,
                                    extra_structs, calls)
         elif layer.kind == "sigmoid":
             ints |= {"size": layer.output.size, "in_low": x.fmt.low, "drop": p["drop"]}
-            weights.append({"ctype": type_name(layer.output), "name": f"table_{index}",
+            weights.append({"ctype": self.type_name(layer.output), "name": arrays["table"],
                             "size": len(p["table"]), "lines": _lines(p["table"])})
             call, args = ("sigmoid_stream" if self.stream else "sigmoid"), ["table"]
             note = "sigmoid lookup table"
@@ -184,7 +212,7 @@ class Emitter:
             ints |= {"n": layer.output.size, "drop": p["drop"], "entries": len(p["table"]),
                      "zp_out": layer.output.fmt.zero_point}
             longs |= {"divider": p["divider"]}
-            weights.append({"ctype": "uint32_t", "name": f"table_{index}",
+            weights.append({"ctype": "uint32_t", "name": arrays["table"],
                             "size": len(p["table"]), "lines": _lines(p["table"])})
             call, args = ("softmax_stream" if self.stream else "softmax"), ["table"]
             note = "exp lookup table, 16-bit fixed point"
@@ -195,9 +223,9 @@ class Emitter:
             call = f"{layer.kind}_stream" if self.stream else layer.kind
             args = ["rq"] if layer.kind == "requant" else []
         else:
-            raise ValueError(f"hls: no emitter for layer kind {layer.kind!r}")
+            raise BackendError(f"hls: no emitter for layer kind {layer.kind!r}")
         operands = [self.buffer(t, index) for t in layer.inputs] + [self.buffer(layer.output, index)]
-        operands += [f"{a}_{index}" for a in args]
+        operands += [arrays[a] for a in args]
         call_text = f"sg::{call}<{cfg}>({', '.join(operands)})"
         return self.finish(index, layer, cfg, ints, longs, typedefs, weights, note, extra_structs,
                            [call_text])
@@ -206,31 +234,32 @@ class Emitter:
                weights: list, note: str, extra: list, calls: list[str]) -> dict[str, Any]:
         structs = [{"name": cfg, "ints": ints.items(), "longs": longs.items(),
                     "typedefs": typedefs.items()}, *extra]
-        return {"kind": layer.kind, "node": layer.node, "cfg": cfg, "structs": structs,
-                "weights": weights, "weight_note": note, "calls": calls}
+        return {"kind": layer.kind, "node": codegen.text(layer.node), "cfg": cfg, "index": index,
+                "structs": structs, "weights": weights, "weight_note": note, "calls": calls}
 
     # -- buffers and FIFOs -------------------------------------------------------------------
     def buffer(self, tensor: Tensor, reader: int) -> str:
         """The array or FIFO that ``reader`` (a layer index) uses for ``tensor``."""
-        if tensor.name == self.output.name:
-            return "out"
-        base = "in" if tensor.name == self.input.name else tensor.name
         readers = self.consumers.get(tensor.name, [])
-        if not self.stream or len(readers) < 2 or reader not in readers:
-            return base
-        return f"{base}_r{readers.index(reader)}"
+        if tensor.name == self.output.name or not self.stream or len(readers) < 2 \
+                or reader not in readers:
+            return self.ident(tensor)
+        return self.copy(tensor, "r", readers.index(reader))
+
+    def copy(self, tensor: Tensor, kind: str, j: int) -> str:
+        """io=stream: FIFO copy ``j`` of a fork (``r``: a reader's, ``rest``: a link of the chain)."""
+        return self.names.ident(tensor.name, f"{kind}{j}", f"{self.ident(tensor)}_{kind}{j}")
 
     def clones(self, tensor: Tensor) -> list[str]:
         """io=stream: copy a FIFO read by k layers into k FIFOs (a chain of two-way clones)."""
         readers = self.consumers.get(tensor.name, [])
         if not self.stream or len(readers) < 2:
             return []
-        base = "in" if tensor.name == self.input.name else tensor.name
-        calls, source = [], base
+        calls, source = [], self.ident(tensor)
         for j in range(len(readers) - 1):
-            rest = f"{base}_r{j + 1}" if j == len(readers) - 2 else f"{base}_rest{j}"
-            calls.append(f"sg::clone_stream<{type_name(tensor)}, {tensor.size}>({source}, "
-                         f"{base}_r{j}, {rest})")
+            rest = self.copy(tensor, "r", j + 1) if j == len(readers) - 2 else self.copy(tensor, "rest", j)
+            calls.append(f"sg::clone_stream<{self.type_name(tensor)}, {tensor.size}>({source}, "
+                         f"{self.copy(tensor, 'r', j)}, {rest})")
             source = rest
         return calls
 
@@ -238,12 +267,12 @@ class Emitter:
         fifos = []
         for tensor in [self.input] + [layer.output for layer in self.layers]:
             readers = self.consumers.get(tensor.name, [])
-            base = "in" if tensor.name == self.input.name else tensor.name
-            names = [] if tensor.name in (self.input.name, self.output.name) else [(base, 2)]
+            names = [] if tensor.name in (self.input.name, self.output.name) else [
+                (self.ident(tensor), 2)]
             if len(readers) > 1:  # a fork: a branch may wait for the whole map (skip paths)
-                names += [(f"{base}_r{j}", tensor.size) for j in range(len(readers))]
-                names += [(f"{base}_rest{j}", tensor.size) for j in range(len(readers) - 2)]
-            fifos += [{"name": n, "type": type_name(tensor), "depth": d} for n, d in names]
+                names += [(self.copy(tensor, "r", j), tensor.size) for j in range(len(readers))]
+                names += [(self.copy(tensor, "rest", j), tensor.size) for j in range(len(readers) - 2)]
+            fifos += [{"name": n, "type": self.type_name(tensor), "depth": d} for n, d in names]
         return fifos
 
     def buffers(self) -> list[dict[str, Any]]:
@@ -253,7 +282,7 @@ class Emitter:
             if t.name == self.output.name:
                 continue
             partition = "complete" if t.size <= 4096 else "cyclic factor = 16"
-            out.append({"name": t.name, "type": type_name(t), "size": t.size,
+            out.append({"name": self.ident(t), "type": self.type_name(t), "size": t.size,
                         "partition": partition})
         return out
 
@@ -263,7 +292,7 @@ class Emitter:
             return 0, sum(b["size"] * layer.output.fmt.bits for b, layer in zip(
                 self.buffers(), [lay for lay in self.layers if lay.output.name != self.output.name],
                 strict=True))
-        bits = {type_name(t): t.fmt.bits for t in [self.input] + [lay.output for lay in self.layers]}
+        bits = {self.type_name(t): t.fmt.bits for t in [self.input] + [lay.output for lay in self.layers]}
         fifo = sum(f["depth"] * bits[f["type"]] for f in self.fifos())
         lines = 0
         for layer in self.layers:
@@ -278,20 +307,22 @@ class Emitter:
     def render(self, root: Path) -> list[Path]:
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                  undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                 trim_blocks=False)
+                                 trim_blocks=False, autoescape=False, finalize=_renderable)
         layers = [self.layer_dict(i, layer) for i, layer in enumerate(self.layers)]
         calls: list[str] = self.clones(self.input)
         for layer_dict, layer in zip(layers, self.layers, strict=True):
             calls += layer_dict["calls"] + self.clones(layer.output)
         tensors = [self.input] + [layer.output for layer in self.layers]
         context = {
-            "title": self.project.title, "source": self.project.source,
-            "version": self.project.version, "io": self.project.io, "reuse": self.project.reuse,
-            "part": self.project.part, "clock_ns": self.project.clock_ns, "project": "slimgraph_prj",
-            "tensors": [{"name": t.name, "type": type_name(t), "ctype": ctype(t.fmt.bits, t.fmt.signed),
+            "title": codegen.text(self.project.title), "source": codegen.text(self.project.source),
+            "version": codegen.text(self.project.version), "io": self.project.io,
+            "reuse": self.project.reuse, "part": codegen.part(self.project.part),
+            "clock_ns": codegen.clock_ns(self.project.clock_ns), "project": "slimgraph_prj",
+            "tensors": [{"name": codegen.text(t.name), "type": self.type_name(t),
+                         "ctype": ctype(t.fmt.bits, t.fmt.signed),
                          "shape": list(t.shape), "describe": t.fmt.describe()} for t in tensors],
-            "input": {"type": type_name(self.input), "size": self.input.size},
-            "output": {"type": type_name(self.output), "size": self.output.size},
+            "input": {"type": self.type_name(self.input), "size": self.input.size},
+            "output": {"type": self.type_name(self.output), "size": self.output.size},
             "layers": layers, "calls": calls,
             "fifos": self.fifos() if self.stream else [],
             "buffers": [] if self.stream else self.buffers(),
@@ -311,6 +342,15 @@ class Emitter:
             shutil.copyfile(HERE / "include" / header, root / "firmware" / "sg" / header)
             written.append(root / "firmware" / "sg" / header)
         return written
+
+
+def _renderable(value: Any) -> Any:
+    """Jinja2's finalize: numbers pass; text must be generated code or codegen.text's output."""
+    if isinstance(value, str) and not RENDERABLE.match(value):
+        raise BackendError(f"hls: refusing to render {codegen.text(value)!r} into the project")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BackendError(f"hls: refusing to render the non-finite number {value}")
+    return value
 
 
 def bits_of(values: np.ndarray) -> int:

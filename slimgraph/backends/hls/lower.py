@@ -33,7 +33,7 @@ from onnx.reference import ReferenceEvaluator
 from slimgraph.errors import BackendError, UnsupportedOpError
 
 DEFAULT_PRECISION = "ap_fixed<16,6>"
-PRECISION = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*>$")
+PRECISION = re.compile(r"ap_fixed<\s*([0-9]{1,2})\s*,\s*(-?[0-9]{1,2})\s*>")
 MULTIPLIER_BITS = 31
 ELEMENTWISE_UNARY = {"Relu", "Clip"}
 SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
@@ -90,9 +90,10 @@ def fixed_format(width: int, integer: int) -> Format:
 
 
 def parse_precision(text: str) -> tuple[int, int]:
-    match = PRECISION.match(text.strip())
-    if not match or not 2 <= int(match.group(1)) <= 32:
-        raise BackendError(f"hls: precision {text!r} is not ap_fixed<W,I> with 2 <= W <= 32")
+    match = PRECISION.fullmatch(text.strip())
+    if not match or not 2 <= int(match.group(1)) <= 32 or not -32 <= int(match.group(2)) <= 64:
+        raise BackendError(f"hls: precision {text!r} is not ap_fixed<W,I> with 2 <= W <= 32 and "
+                           "-32 <= I <= 64")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -236,7 +237,7 @@ class Lowering:
         return fixed_format(*self.fixed)
 
     def new_tensor(self, name: str, shape: tuple[int, ...], fmt: Format) -> Tensor:
-        return Tensor(_c_name(name), tuple(int(d) for d in shape), fmt)
+        return Tensor(name, tuple(int(d) for d in shape), fmt)
 
     def finalize(self, name: str, fmt: Format) -> Tensor:
         """Choose the output format of a pending layer: its requantization and clamp."""
@@ -633,12 +634,10 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -
             "hls: these layers have float weights: " + "; ".join(lowering.float_layers)
             + ". Run quantize (int8 or binary) first, or pass precision=ap_fixed<W,I> to emit "
             "them in fixed point")
-    names: set[str] = set()
-    for layer in layers:  # unique C identifiers
-        base = layer.output.name
-        while layer.output.name in names:
-            layer.output.name = f"{base}_{len(names)}"
-        names.add(layer.output.name)
+    produced = [t.name for t in inputs] + [layer.output.name for layer in layers]
+    twice = sorted({name for name in produced if produced.count(name) > 1})
+    if twice:  # tensors are keyed by their ONNX value names (the emitter makes C names)
+        raise BackendError(f"hls: value names defined twice: {', '.join(map(repr, twice))}")
     quantized = {name: lowering.tensors[name] for name in lowering.quantized
                  if name in lowering.tensors}
     return Lowered(inputs, outputs, layers, quantized, io == "stream", precision)
@@ -661,13 +660,6 @@ def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
     distance = (np.arange(entries) << drop) + (centre if drop else 0)
     table = np.rint(np.exp(-float(fmt.scale) * distance) * (1 << EXP_BITS)).astype(np.int64)
     return {"drop": drop, "table": table, "divider": round(2.0 ** EXP_BITS / float(out.scale))}
-
-
-def _c_name(name: str) -> str:
-    cleaned = re.sub(r"[^0-9a-zA-Z_]", "_", name).strip("_") or "t"
-    if cleaned[0].isdigit():
-        cleaned = f"t_{cleaned}"
-    return cleaned[:48]
 
 
 def _pool_params(node: ir.Node, shape: tuple[int, ...], kernel: tuple[int, ...] | None = None

@@ -84,7 +84,7 @@ class TvmBackend:
         reason = tvm_unavailable_reason()
         if reason is not None:
             raise BackendError(f"{self.name}: {reason}")
-        config = self._resolve_options(options)
+        config = self.options(options)
         import tvm
 
         inputs = [TensorSpec.of(v) for v in model.graph.inputs if v.const_value is None]
@@ -162,7 +162,7 @@ class TvmBackend:
             raise BackendError(f"{self.name} is unavailable: {self.unavailable_reason()}")
         return load_runner(built.entry_path)
 
-    def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def options(self, options: dict[str, Any]) -> dict[str, Any]:
         defaults = self.default_options()
         unknown = set(options) - set(defaults)
         if unknown:
