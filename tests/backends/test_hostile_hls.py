@@ -30,12 +30,15 @@ def payloads(marker: Path) -> list[str]:
     """Names that end a // comment, a /* */ comment, a string, a line, or run code in make / Tcl /
     a shell, each trying to create ``marker``."""
     cmd = f"touch {marker}"
-    system = f'static int pwn = std::system("{cmd}");'
+
+    def system(k: int) -> str:
+        return f'static int pwn{k} = std::system("{cmd}");'
+
     return [
-        f"a\n#include <cstdlib>\n{system}\n//",  # a newline ends the // comment
-        f"b\r{system}//",  # a lone carriage return does too
-        f"c */ {system} /* ",  # ends a block comment
-        f'd"; {system} //',  # ends a string literal
+        f"a\n#include <cstdlib>\n{system(0)}\n//",  # a newline ends the // comment
+        f"b\r{system(1)}//",  # a lone carriage return does too
+        f"c */ {system(2)} /* ",  # ends a block comment
+        f'd"; {system(3)} //',  # ends a string literal
         "e\\",  # a trailing backslash splices the next line into the comment
         "f??/",  # the trigraph for a backslash (-std=c++14 enables trigraphs)
         f"$(shell {cmd})", f"`{cmd}`", f"}}; exec {cmd}; {{", f"'; {cmd}; '",
@@ -90,7 +93,7 @@ def _name_sets(marker: Path) -> list[list[str]]:
     sets = []
     for start in range(0, len(pool), per_graph - 4):
         chunk = pool[start:start + per_graph - 4]
-        filler = [f"{chunk[i % len(chunk)]}#{i}" for i in range(per_graph - len(chunk))]
+        filler = [f"filler.{i}" for i in range(per_graph - len(chunk))]
         sets.append(chunk + filler)
     return sets
 
