@@ -49,7 +49,7 @@ def _parse_value(backend: str, key: str, text: str) -> Any:
             value = cast(text)
         except ValueError:
             continue
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise BackendError(f"backend {backend!r}: option {key}={text!r} is not a finite number")
         return value
     return text

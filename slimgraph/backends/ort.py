@@ -25,6 +25,7 @@ MODEL_FILE = "model.onnx"
 # benchmarks/ort_fusions.py): SkipLayerNormalization takes 1.1-2.0 ms on a 16x64x384 tensor where
 # Add + Add + LayerNormalization take ~0.4 ms, which cost int8 MiniLM 15-20% of its run time.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+MAX_THREADS = 4096
 
 
 def session_options(config: dict[str, Any]) -> ort.SessionOptions:
@@ -165,8 +166,9 @@ class OrtBackend:
             )
         options = {**defaults, **given}
         threads = options["intra_op_num_threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise BackendError(f"{self.name}: intra_op_num_threads={threads!r} must be an integer >= 0")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+            raise BackendError(f"{self.name}: intra_op_num_threads={threads!r} must be an integer from 0 "
+                               f"to {MAX_THREADS}")
         if not isinstance(options["allow_spinning"], bool):
             raise BackendError(f"{self.name}: allow_spinning={options['allow_spinning']!r} must be "
                                "true or false")

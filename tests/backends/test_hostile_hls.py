@@ -211,3 +211,13 @@ def test_a_hostile_onnx_file_exports_through_the_cli(tmp_path: Path, capsys) -> 
     assert code == 0, capsys.readouterr().err
     assert not marker.exists()
     _assert_no_payload_outside_comments(_emitted_text(out))
+
+
+def test_a_float_layer_after_an_unquantized_int8_result_is_refused_by_name(tmp_path: Path,
+                                                                          capsys) -> None:
+    out = tmp_path / "o"
+    code = main(["export", "digits-cnn", "-o", str(out), "--passes",
+                 "quantize:int8,exclude=node_linear_1", "--backend", "hls", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: hls: 'node_linear_1' (Gemm) reads a float result" in err, err
+    assert "Traceback" not in err and not out.exists()

@@ -547,6 +547,10 @@ class Lowering:
     def linear(self, node: ir.Node, kind: str, x: Tensor, q: np.ndarray, w_scale: np.ndarray,
                w_kind: str, bias: ir.Value | None, params: dict[str, Any]) -> None:
         channels = q.shape[0]
+        if x.fmt.scale.ndim:
+            raise BackendError(f"hls: {node.name!r} ({node.op_type}) reads a float result with one "
+                               "scale per channel (an int8 layer whose output is not quantized); "
+                               "quantize this layer too, or the layer before it not at all")
         acc_scale = float(x.fmt.scale) * w_scale
         bias_acc = np.zeros(channels, np.int64)
         if bias is not None:

@@ -31,6 +31,8 @@ from slimgraph.verify import Runner
 DEFAULT_CACHE = Path.home() / ".cache" / "slimgraph" / "tvm"
 DEFAULT_CUDA_ARCH = "sm_90"
 LAYOUTS = ("NCHW", "NHWC")  # of the convolutions a tuned CPU build schedules
+MAX_THREADS = 4096
+MAX_TRIALS = 10_000_000  # MetaSchedule trials: far past any tuning budget
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +173,10 @@ class TvmBackend:
                 f"valid: {', '.join(defaults)}"
             )
         config = {**defaults, **options}
-        for key in ("tune", "threads"):
-            if key in config and (not isinstance(config[key], int) or config[key] < 0):
-                raise BackendError(f"{self.name}: {key}={config[key]!r} must be an integer >= 0")
+        for key, most in (("tune", MAX_TRIALS), ("threads", MAX_THREADS)):
+            value = config.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise BackendError(f"{self.name}: {key}={value!r} must be an integer from 0 to {most}")
         if not isinstance(config.get("prepack", False), bool):
             raise BackendError(f"{self.name}: prepack={config['prepack']!r} must be true or false")
         if config.get("layout", "NCHW") not in LAYOUTS:
