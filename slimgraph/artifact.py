@@ -52,6 +52,9 @@ def check_output_path(out: str | Path, *, force: bool = False, kind: str = "outp
         raise OutputPathError(f"{out}: {kind} is a dangling symlink; remove it or choose another path")
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: {kind} exists; pass --force to replace it")
+    if out.exists() and out.is_dir() != (kind == "output directory"):
+        raise OutputPathError(f"{out}: exists and is {'a folder' if out.is_dir() else 'a file'}; "
+                              f"--force replaces an {kind} only")
     for parent in (out.parent, *out.parent.parents):
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
@@ -69,8 +72,6 @@ def staged_file(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path of the file ``out``; on success it is renamed onto ``out``,
     on error it vanishes (the one-file twin of ``staged_dir``)."""
     out = check_output_path(out, force=force, kind="output file")
-    if out.is_dir():
-        raise OutputPathError(f"{out}: is a directory, expected a file path")
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(name)

@@ -16,9 +16,10 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph import model_stats
-from slimgraph.artifact import MANIFEST, file_hashes, pack_model, staged_dir, write_json
+from slimgraph.artifact import MANIFEST, check_output_path, file_hashes, pack_model, staged_dir, write_json
 from slimgraph.backends import BuiltArtifact, parse_backend_spec
 from slimgraph.backends.ort import MODEL_FILE
+from slimgraph.calibration import Calibration
 from slimgraph.errors import SlimgraphError, VerificationError
 from slimgraph.frontend import LoadedModel, TextData, load
 from slimgraph.passes import Pipeline
@@ -104,10 +105,10 @@ def export(
                 f"backend {backend.name!r} is unavailable here: {backend.unavailable_reason()}"
                 + hint
             )
-    if out.exists() and not force:
-        # Checked up front too, so a long export does not run only to be refused at the end.
-        with staged_dir(out, force=False):
-            pass
+    if not isinstance(model, LoadedModel):  # a bad data file fails before the model loads
+        calibration = Calibration.coerce(calibration)
+    # Checked up front too, so a long export does not run only to be refused at the end.
+    check_output_path(out, force=force, kind="output directory")
 
     t = time.perf_counter()
     stage("load")
@@ -188,6 +189,7 @@ def export(
                     f"{backend.name}: the artifact diverges from the float reference: "
                     + "; ".join(result.failures)
                     + (f"; first diverging tensor: {where}" if where else "")
+                    + _calibrated_on(calibration, pipeline)
                     + " (pass --allow-mismatch to keep it anyway)"
                 )
         stage("write")
@@ -240,6 +242,14 @@ def _first_divergence(loaded: LoadedModel, model: ir.Model, min_cosine: float) -
     except Exception:  # noqa: BLE001 - see docstring
         return None
     return found.describe() if found else None
+
+
+def _calibrated_on(calibration: Any, pipeline: Pipeline) -> str:
+    """Names the user's calibration data where a pass calibrated on it: it may not represent the
+    inputs (all zeros, values far out of the training range)."""
+    if isinstance(calibration, Calibration) and any(p.needs_calibration for p in pipeline.passes):
+        return f"; calibrated on {calibration.source}: are its inputs representative?"
+    return ""
 
 
 def _backend_entry(built: BuiltArtifact, result: VerificationResult | None) -> dict[str, Any]:

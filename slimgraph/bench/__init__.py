@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from slimgraph.artifact import staged_dir, write_json
+from slimgraph.artifact import check_output_path, staged_dir, write_json
 from slimgraph.backends import BACKENDS, get_backend
 from slimgraph.backends.ort import OrtBackend, runner_for, session_for
 from slimgraph.bench.machine import machine_facts
 from slimgraph.bench.timing import Latency, interleaved, parallel_throughput
-from slimgraph.calibration import Feeds
-from slimgraph.errors import PipelineSpecError
+from slimgraph.calibration import LABELS, Calibration, Feeds, read_samples
+from slimgraph.errors import DataError, PipelineSpecError
 from slimgraph.export import export
-from slimgraph.frontend import LoadedModel, load
+from slimgraph.frontend import LoadedModel, fit_calibration, load
 from slimgraph.passes import RECIPES, Pipeline
 from slimgraph.verify import Runner, compare_outputs
 
@@ -125,6 +125,9 @@ def bench(
         if peer not in DEFAULT_PEERS:
             raise PipelineSpecError(f"unknown peer {peer!r}; valid: {', '.join(DEFAULT_PEERS)}")
     wanted = [get_backend(b.partition(":")[0]) for b in backends]
+    if isinstance(eval_data, (str, Path)):  # a bad file or output path fails before any work
+        eval_data = (str(eval_data), read_samples(eval_data, "evaluation"))
+    check_output_path(Path(out), force=force, kind="output directory")
     machine = machine_facts(threads)  # before any runtime pins this process to fewer cores
     loaded = model if isinstance(model, LoadedModel) else load(model)
     evaluation = _evaluation(loaded, eval_data)
@@ -305,7 +308,8 @@ def _torch_peer(peer: str, loaded: LoadedModel, threads: int, rows: list[Row],
 
 
 def _evaluation(loaded: LoadedModel, eval_data: Any):
-    """Held-out data: --eval FILE.npz (inputs + optional `labels`), else the built-in's own."""
+    """Held-out data: (file, arrays) read from --eval FILE.npz (inputs + optional `labels`), fitted
+    to the model's inputs; else the built-in's own."""
     from slimgraph.frontend.builtin import EvalData
 
     if eval_data is None:
@@ -314,13 +318,16 @@ def _evaluation(loaded: LoadedModel, eval_data: Any):
         return EvalData(loaded.verification_feeds, None)
     if isinstance(eval_data, EvalData):
         return eval_data
-    with np.load(eval_data, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    labels = arrays.pop("labels", None)
+    where, arrays = eval_data
+    arrays = dict(arrays)
+    labels = arrays.pop(LABELS, None)
+    if not arrays:
+        raise DataError(f"{where}: holds only {LABELS!r}; add the model's input arrays")
+    inputs = fit_calibration(loaded.model, Calibration([arrays], where)).feeds[0]
     feeds, label_batches = [], []
-    n = len(next(iter(arrays.values())))
+    n = len(next(iter(inputs.values())))
     for i in range(0, n, 64):
-        feeds.append({k: v[i:i + 64] for k, v in arrays.items()})
+        feeds.append({k: v[i:i + 64] for k, v in inputs.items()})
         if labels is not None:
             label_batches.append(labels[i:i + 64])
     return EvalData(feeds, label_batches if labels is not None else None)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.calibration import Calibration, Feeds
-from slimgraph.errors import InputSpecError, ModelLoadError
+from slimgraph.calibration import Calibration, Feeds, check_feed_array
+from slimgraph.errors import DataError, InputSpecError, ModelLoadError
 from slimgraph.verify import Runner
 
 DEFAULT_MODEL = "digits-cnn"
@@ -97,7 +97,7 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
 
     model = load_onnx(path)
     _check_input_names(model, inputs, str(path))
-    calib = for_single_input(model, calib)
+    calib = fit_calibration(model, calib)
     try:
         reference = runner_for(session_for(path))
     except Exception as exc:  # onnxruntime's own exception types
@@ -105,8 +105,8 @@ def _load_onnx_file(path: Path, inputs: dict, calib: Calibration | None) -> Load
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else [
         random_feeds(model, inputs, seed=seed) for seed in range(RANDOM_BATCHES)
     ]
-    for feed in feeds:
-        check_feed(model, feed, str(path))
+    if calib:
+        check_reference_finite(reference, feeds[0], calib.source)
     source = {"kind": "onnx", "name": str(path), "sha256": sha256_file(path)}
     return LoadedModel(model, source, reference, feeds, calib, None, None, None,
                        [v.name for v in model.graph.inputs])
@@ -153,13 +153,13 @@ def _load_torch(module, example, inputs: dict, calib: Calibration | None,
             raise InputSpecError(f"{label}: {len(example)} example inputs but --input names {names}")
     model = export_module(module, example, names, label=label)
     source["sha256"] = _proto_sha256(model)
-    calib = for_single_input(model, calib)
-    if calib:
-        check_feed(model, calib.feeds[0], f"{label}: calibration data")
+    calib = fit_calibration(model, calib)
     feeds = calib.batched(16)[: max(1, VERIFY_SAMPLES // 16)] if calib else _example_feeds(
         names, example
     )
     reference = _torch_runner(module, names, torch_outputs)
+    if calib:
+        check_reference_finite(reference, feeds[0], calib.source)
     return LoadedModel(model, source, reference, feeds, calib, None, None, module, names)
 
 
@@ -223,13 +223,13 @@ def _load_builtin(builtin, inputs: dict, calib: Calibration | None) -> LoadedMod
             break
         feeds.append(feed)
         samples += next(iter(feed.values())).shape[0]
-    if calib is None:
-        calib = Calibration(builtin.calibration(64))
-    else:
-        calib = for_single_input(model, calib)
-        check_feed(model, calib.feeds[0], f"{builtin.name}: calibration data")
-    source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     reference = _torch_runner(builtin.module, builtin.input_names, torch_outputs)
+    if calib is None:
+        calib = Calibration(builtin.calibration(64), f"{builtin.name}'s calibration set")
+    else:
+        calib = fit_calibration(model, calib)
+        check_reference_finite(reference, calib.batched(16)[0], calib.source)
+    source = {"kind": "builtin", "name": builtin.name, "sha256": _proto_sha256(model)}
     return LoadedModel(model, source, reference, feeds, calib, builtin.task, evaluation,
                        builtin.module, list(builtin.input_names), builtin.training)
 
@@ -253,23 +253,23 @@ def _check_input_names(model: ir.Model, inputs: dict, label: str) -> None:
         value = next((v for v in model.graph.inputs if v.name == name), None)
         if value is None:
             raise InputSpecError(f"--input {name}: {label} has no input {name!r}; inputs: {names}")
-        _check_shape(value, shape, label)
+        _check_shape(value, shape, label, f"--input {name}={'x'.join(map(str, shape))}")
 
 
-def _check_shape(value: ir.Value, shape: Sequence[int], label: str) -> None:
+def _check_shape(value: ir.Value, shape: Sequence[int], label: str, subject: str) -> None:
+    """Refuse ``shape`` (given by ``subject``) where it contradicts the input's static dims."""
     dims = list(value.shape) if value.shape is not None else None
     if dims is None:
         return
-    given = "x".join(map(str, shape))
     if len(dims) != len(shape):
         raise InputSpecError(
-            f"--input {value.name}={given}: {label} input {value.name!r} has rank {len(dims)} "
+            f"{subject}: {label} input {value.name!r} has rank {len(dims)} "
             f"(shape {_shape_text(dims)}), not {len(shape)}"
         )
     for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
         if isinstance(d, int) and d != s:
             raise InputSpecError(
-                f"--input {value.name}={given}: dim {i} is {s} but {label} input {value.name!r} "
+                f"{subject}: dim {i} is {s} but {label} input {value.name!r} "
                 f"has shape {_shape_text(dims)}"
             )
 
@@ -300,16 +300,66 @@ def for_single_input(model: ir.Model, calib: Calibration | None) -> Calibration 
         return calib
     name = inputs[0].name
     if all(len(f) == 1 and name not in f for f in calib.feeds):
-        return Calibration([{name: next(iter(f.values()))} for f in calib.feeds])
+        return Calibration([{name: next(iter(f.values()))} for f in calib.feeds], calib.source)
     return calib
 
 
-def check_feed(model: ir.Model, feed: Feeds, label: str) -> None:
-    """Raise InputSpecError if a feed misses an input or has a shape the model rejects."""
+def fit_calibration(model: ir.Model, calib: Calibration | None) -> Calibration | None:
+    """``calib`` with every feed checked against the model's inputs and cast to their types."""
+    calib = for_single_input(model, calib)
+    if calib is None:
+        return None
+    if not calib.feeds:
+        raise DataError(f"{calib.source}: holds no samples")
+    return Calibration([check_feed(model, f, calib.source) for f in calib.feeds], calib.source)
+
+
+def check_feed(model: ir.Model, feed: Feeds, label: str) -> Feeds:
+    """The model's inputs taken from ``feed`` (named by ``label`` in messages), each checked by
+    ``check_feed_array``, of a shape the model accepts and cast to the input's element type."""
+    fitted = {}
     for value in model.graph.inputs:
         if value.name not in feed:
-            raise InputSpecError(f"{label}: calibration data has no array for input {value.name!r}")
-        _check_shape(value, feed[value.name].shape, label)
+            raise InputSpecError(f"{label}: no array for input {value.name!r}; arrays: "
+                                 f"{', '.join(sorted(feed)) or 'none'}")
+        array = check_feed_array(label, value.name, np.asarray(feed[value.name]))
+        shape = "x".join(map(str, array.shape))
+        _check_shape(value, array.shape, "the model", f"{label}: array {value.name!r} of shape {shape}")
+        fitted[value.name] = _as_input_type(value, array, label)
+    return fitted
+
+
+def _as_input_type(value: ir.Value, array: np.ndarray, label: str) -> np.ndarray:
+    """``array`` cast to the input's type where that keeps every value: any number into a float
+    input (finite after the cast), integers that fit into an integer input."""
+    want = _NUMPY_DTYPES.get(value.dtype) if value.dtype is not None else None
+    if want is None or array.dtype == want:
+        return array
+    want = np.dtype(want)
+    if want.kind == "f" and array.dtype.kind in "biuf":
+        cast = array.astype(want)
+        if not np.isfinite(cast).all():
+            raise DataError(f"{label}: array {value.name!r} holds values beyond the {want} range "
+                            f"of the model's input")
+        return cast
+    if want.kind in "iu" and array.dtype.kind in "biu":
+        info = np.iinfo(want)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise DataError(f"{label}: array {value.name!r} holds values outside the {want} range "
+                            f"of the model's input ({array.min()} .. {array.max()})")
+        return array.astype(want)
+    raise InputSpecError(f"{label}: array {value.name!r} is {array.dtype} but the model's input "
+                         f"{value.name!r} takes {want}")
+
+
+def check_reference_finite(reference: Runner, feed: Feeds, label: str) -> None:
+    """Refuse data on which the float model itself gives NaN or inf: nothing can be calibrated
+    or verified against such outputs."""
+    for i, out in enumerate(reference(feed)):
+        out = np.asarray(out)
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise DataError(f"{label}: the float model's output #{i} is not finite on this data "
+                            "(values too large for the model?); scale the inputs as in training")
 
 
 _NUMPY_DTYPES = {

@@ -99,7 +99,7 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     else:
         raise InputSpecError("heal needs training data: pass --train FILE.npz (arrays named after "
                              "the model inputs, optional labels) or calibration data (--calib)")
-    check_feed(loaded.model, {k: v[:1] for k, v in inputs.items()}, f"heal: {source}")
+    inputs = check_feed(loaded.model, inputs, f"heal: {source}")  # cast to the inputs' types
     if not held_out:
         held_out = list(loaded.verification_feeds)
     return TrainingData(inputs, labels, held_out, held_labels, loaded.reference, loaded.task,
