@@ -11,16 +11,21 @@ otherwise ``architectures`` in config.json: ``*ForSequenceClassification`` -> te
 Inputs are ``input_ids`` and ``attention_mask`` from the folder's own tokenizer; the batch and
 sequence axes are dynamic (up to ``max_position_embeddings``). Calibration and verification texts
 are padded to ``MAX_LENGTH`` tokens. Only safetensors weights are read: a folder with
-only pickled weights (``pytorch_model.bin``) is refused, nothing is unpickled. Texts for
+only pickled weights (``pytorch_model.bin``) is refused, nothing is unpickled. The folder is data:
+``read_folder`` checks its JSON files, refuses custom code (``auto_map``, classes transformers does
+not ship) and any file or path that leads out of it, before transformers reads it. Texts for
 calibration and verification default to ``text.EVERYDAY_SENTENCES``; healing trains on the Python
 documentation sentences unless given its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,27 +49,164 @@ TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "spiece.model",
     "sentencepiece.bpe.model", "modules.json", "1_Pooling/config.json",
 )
+# At least one of these is a tokenizer's vocabulary; the rest of TOKENIZER_FILES only configure it.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
 CONVERT_HINT = (
     "convert it once in an environment you trust: python -c \"from transformers import AutoModel; "
     "AutoModel.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\""
 )
+MAX_JSON_BYTES = 64 << 20  # config, modules, pooling, tokenizer config and shard index files
+MAX_SIZE = 1 << 24  # bound on every size in config.json (vocabulary, widths, depth, positions)
+# config.json sizes: integers in [minimum, MAX_SIZE] where present (DeBERTa-v3 has no token types).
+_SIZES = {name: 1 for name in (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "num_labels", "embedding_size", "dim", "hidden_dim", "n_layers", "n_heads",
+    "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "n_embd", "n_layer", "n_head", "n_positions",
+)} | {"type_vocab_size": 0}
+# sentence-transformers modules slimgraph reproduces; any other would be silently dropped.
+_SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")
+_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSpec:
+    """What a model folder's JSON files say, validated before transformers reads the folder."""
+
+    folder: Path
+    model_type: str
+    architectures: tuple[str, ...]
+    max_position_embeddings: int
+    pooling: tuple[str, bool] | None  # (mean | cls, L2-normalised) for a sentence-transformers folder
 
 
 def is_model_folder(path: Path) -> bool:
     return path.is_dir()
 
 
-def read_config(folder: Path) -> dict:
-    config = folder / "config.json"
-    if not config.is_file():
+def read_folder(folder: Path) -> FolderSpec:
+    """Every check on a folder before transformers sees it: its JSON files' types, no custom code,
+    files that stay inside it, safetensors weights that open, and tokenizer files present."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise ModelLoadError(
             f"{folder}: is a directory without config.json, not a Hugging Face model folder. Pass "
             "an .onnx file, or a folder saved with transformers' save_pretrained"
         )
+    config = _read_json(folder, config_file)
+    _check_config_types(config_file, config)
+    check_weights(folder)
+    model_type, architectures = _native_model(config_file, config)
+    pooling = sentence_pooling(folder)
+    _check_tokenizer(folder)
+    _check_weight_files(folder)
+    for name in TOKENIZER_FILES:  # shipped in the artifact: never a file from elsewhere
+        if (folder / name).is_file():
+            _inside(folder, folder / name, str(folder / name))
+    return FolderSpec(folder, model_type, architectures, config.get("max_position_embeddings", 512), pooling)
+
+
+def _read_json(folder: Path, path: Path) -> Any:
+    """A JSON file of the folder, which must lie inside it; NaN and Infinity are refused."""
+    _inside(folder, path, str(path))
+
+    def non_finite(word: str) -> None:
+        raise ValueError(f"{word} is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999 reads as inf
+            raise ValueError(f"{text} is not a finite number")
+        return value
+
     try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config}: not a readable JSON config ({exc})") from exc
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelLoadError(f"{path}: over {MAX_JSON_BYTES >> 20} MiB, too large for a JSON config")
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=non_finite, parse_float=finite)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path}: not a readable JSON file ({_one_line(exc)})") from exc
+
+
+def _inside(folder: Path, path: Path, where: str) -> None:
+    """Refuse ``path`` (named by ``where``) unless, symlinks resolved, it lies inside ``folder`` (or,
+    for a folder that is a Hugging Face cache snapshot, in the blobs store its files link to)."""
+    root = folder.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(r) for r in roots):
+        raise ModelLoadError(f"{where} leads to {resolved}, outside the folder {folder}; refused")
+
+
+def _relative_path(folder: Path, file: Path, key: str, value: Any) -> Path:
+    """A path named inside ``file``: a relative string without '..' that stays inside ``folder``."""
+    if not isinstance(value, str):
+        raise ModelLoadError(f"{file}: {key} is {_kind(value)}, not a path string")
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise ModelLoadError(f"{file}: {key} {value!r} must be a path relative to the folder, without '..'")
+    _inside(folder, folder / path, f"{file}: {key} {value!r}")
+    return folder / path
+
+
+def _check_config_types(path: Path, config: Any) -> None:
+    """The keys slimgraph and transformers read from config.json, by type, before either uses them."""
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: holds {_kind(config)}, not a JSON object")
+    _refuse_custom_code(path, config)
+    if "quantization_config" in config:
+        raise ModelLoadError(f"{path}: key 'quantization_config': a pre-quantized model; export the float "
+                             "model (slimgraph quantizes it itself)")
+    architectures = config.get("architectures", [])
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) and a for a in architectures)):
+        raise ModelLoadError(f"{path}: key 'architectures' is {_kind(architectures)}, not a list of "
+                             "class names")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ModelLoadError(f"{path}: key 'model_type' is {_kind(config['model_type'])}, not a string")
+    for key in ("tokenizer_class", "hidden_act"):
+        if not isinstance(config.get(key, ""), str | None):
+            raise ModelLoadError(f"{path}: key {key!r} is {_kind(config[key])}, not a string")
+    for key, minimum in _SIZES.items():
+        value = config.get(key, minimum)
+        if not (isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_SIZE):
+            raise ModelLoadError(f"{path}: key {key!r} is {_kind(value)}; expected an integer from "
+                                 f"{minimum} to {MAX_SIZE}")
+    id2label, label2id = config.get("id2label", {}), config.get("label2id", {})
+    if not (isinstance(id2label, dict)
+            and all(k.isdigit() and isinstance(v, str) for k, v in id2label.items())):
+        raise ModelLoadError(f"{path}: key 'id2label' must map label numbers (\"0\") to names")
+    if not (isinstance(label2id, dict) and all(isinstance(v, int) and not isinstance(v, bool)
+                                               for v in label2id.values())):
+        raise ModelLoadError(f"{path}: key 'label2id' must map label names to integers")
+
+
+def _refuse_custom_code(path: Path, config: dict) -> None:
+    """``auto_map`` makes transformers import the folder's own Python: never done here."""
+    if "auto_map" in config:
+        raise ModelLoadError(f"{path}: key 'auto_map' asks to run the folder's own Python code; slimgraph "
+                             "never runs code from a model folder (only architectures transformers ships)")
+
+
+def _native_model(path: Path, config: dict) -> tuple[str, tuple[str, ...]]:
+    """(model_type, architectures), each one that transformers implements itself."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    native = set()
+    for name in dir(modeling_auto):
+        if name.endswith("_MAPPING_NAMES"):
+            for classes in getattr(modeling_auto, name).values():
+                native.update(classes if isinstance(classes, (tuple, list)) else [classes])
+    architectures = tuple(config.get("architectures") or ())
+    unknown = [a for a in architectures if a not in native]
+    if unknown:
+        raise ModelLoadError(f"{path}: key 'architectures': unknown architecture {unknown} (not a model "
+                             "class transformers ships; custom code is never run)")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        what = "missing" if model_type is None else f"{model_type!r}, not a model type transformers ships"
+        raise ModelLoadError(f"{path}: key 'model_type' is {what}; custom code is never run")
+    return model_type, architectures
 
 
 def check_weights(folder: Path) -> None:
@@ -80,54 +222,129 @@ def check_weights(folder: Path) -> None:
     raise ModelLoadError(f"{folder}: no model.safetensors (weights) in the folder")
 
 
+def _check_weight_files(folder: Path) -> None:
+    """model.safetensors, or each shard the index names, inside the folder with a header that opens."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        _check_safetensors(folder, single)
+        return
+    weight_map = _read_json(folder, index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map):
+        raise ModelLoadError(f"{index}: key 'weight_map' must map tensor names to shard files")
+    for shard in sorted({_relative_path(folder, index, "weight_map", name) for name in weight_map.values()}):
+        if not shard.is_file():
+            raise ModelLoadError(f"{index}: names shard {shard.name}, which is not in the folder")
+        _check_safetensors(folder, shard)
+
+
+def _check_safetensors(folder: Path, path: Path) -> None:
+    """safetensors checks the header (size, JSON, dtypes, offsets against the file's length)."""
+    from safetensors import SafetensorError, safe_open
+
+    _inside(folder, path, str(path))
+    try:
+        with safe_open(path, framework="np"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from exc
+
+
 def sentence_pooling(folder: Path) -> tuple[str, bool] | None:
     """(pooling, normalise) where ``modules.json`` makes the folder a sentence-transformers
     embedder, else None."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{modules_file}: not readable JSON ({exc})") from exc
-    kinds = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-    if "Pooling" not in kinds:
+    modules = _read_json(folder, modules_file)
+    if not isinstance(modules, list):
+        raise ModelLoadError(f"{modules_file}: holds {_kind(modules)}, not a list of modules")
+    paths: dict[str, Path] = {}
+    for i, module in enumerate(modules):
+        if not isinstance(module, dict):
+            raise ModelLoadError(f"{modules_file}: entry {i} is {_kind(module)}, not an object")
+        kind = module.get("type")
+        if not isinstance(kind, str):
+            raise ModelLoadError(f"{modules_file}: entry {i} key 'type' is {_kind(kind)}, not a string")
+        if not kind.startswith("sentence_transformers."):
+            raise ModelLoadError(f"{modules_file}: entry {i} type {kind!r} is not a sentence-transformers "
+                                 "module; a folder's own modules are never imported")
+        short = kind.rsplit(".", 1)[-1]
+        if short not in _SENTENCE_MODULES or short in paths:
+            raise ModelLoadError(f"{modules_file}: entry {i} type {kind!r}: slimgraph reproduces one "
+                                 f"each of {', '.join(_SENTENCE_MODULES)} only")
+        paths[short] = _relative_path(folder, modules_file, f"entry {i} key 'path'", module.get("path", ""))
+    if paths.get("Transformer", folder).resolve() != folder.resolve():
+        raise ModelLoadError(f"{modules_file}: the Transformer module must be the folder itself (path \"\")")
+    if "Pooling" not in paths:
         return None
-    pooling = "mean"
-    config = folder / kinds["Pooling"].get("path", "") / "config.json"
-    if config.is_file():
-        settings = json.loads(config.read_text(encoding="utf-8"))
-        if settings.get("pooling_mode_cls_token"):
-            pooling = "cls"
-        elif not settings.get("pooling_mode_mean_tokens", True):
-            raise ModelLoadError(f"{config}: only mean and CLS-token pooling are supported")
-    return pooling, "Normalize" in kinds
+    return _pooling_mode(folder, paths["Pooling"] / "config.json"), "Normalize" in paths
 
 
-def detect_task(folder: Path, config: dict, task: str | None) -> str:
+def _pooling_mode(folder: Path, config: Path) -> str:
+    """mean or cls, from a Pooling module's config.json (mean where it has none)."""
+    if not config.is_file():
+        return "mean"
+    settings = _read_json(folder, config)
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{config}: holds {_kind(settings)}, not a JSON object")
+    modes = {k: v for k, v in settings.items() if k.startswith("pooling_mode_")}
+    for key, value in modes.items():
+        if not isinstance(value, bool):
+            raise ModelLoadError(f"{config}: key {key!r} is {_kind(value)}, not true or false")
+    chosen = [k for k, v in modes.items() if v]
+    if not chosen:
+        return "mean"
+    if len(chosen) > 1 or chosen[0] not in _POOLINGS:
+        raise ModelLoadError(f"{config}: pooling {chosen}: only one of mean and CLS-token pooling is "
+                             "supported")
+    return _POOLINGS[chosen[0]]
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """A vocabulary file present; tokenizer_config.json without custom code or paths out of the folder."""
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise ModelLoadError(f"{folder}: no tokenizer files (one of {', '.join(VOCABULARY_FILES)}); save "
+                             "the tokenizer into the folder with save_pretrained")
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    settings = _read_json(folder, path)
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{path}: holds {_kind(settings)}, not a JSON object")
+    _refuse_custom_code(path, settings)
+    if not isinstance(settings.get("tokenizer_class"), str | None):
+        raise ModelLoadError(f"{path}: key 'tokenizer_class' is {_kind(settings['tokenizer_class'])}, "
+                             "not a string")
+    for key, value in settings.items():
+        if key.endswith("_file") and value is not None:
+            _relative_path(folder, path, f"key {key!r}", value)
+
+
+def detect_task(spec: FolderSpec, task: str | None) -> str:
     if task is not None:
         if task not in TASKS:
             raise InputSpecError(f"--task {task!r}: valid tasks are {', '.join(TASKS)}")
         return task
-    if sentence_pooling(folder) is not None:
+    if spec.pooling is not None:
         return "feature-extraction"
-    architectures = config.get("architectures") or []
-    for architecture in architectures:
+    for architecture in spec.architectures:
         for suffix, found in _ARCHITECTURE_TASKS:
             if architecture.endswith(suffix):
                 return found
-    raise ModelLoadError(
-        f"{folder / 'config.json'}: unknown architecture {architectures or '(none listed)'}; "
-        f"pass --task (one of {', '.join(TASKS)})"
-    )
+    listed = list(spec.architectures) or "(none listed)"
+    raise ModelLoadError(f"{spec.folder / 'config.json'}: no task for architecture {listed}; pass --task "
+                         f"(one of {', '.join(TASKS)})")
 
 
-def _make_module(folder: Path, task: str):
+def _make_module(spec: FolderSpec, task: str):
     import torch
     import torch.nn.functional as F
     import transformers
+    from safetensors import SafetensorError
     from torch import nn
 
+    folder = spec.folder
     auto = {
         "feature-extraction": transformers.AutoModel,
         "text-classification": transformers.AutoModelForSequenceClassification,
@@ -136,11 +353,17 @@ def _make_module(folder: Path, task: str):
     }[task]
     try:
         # Eager attention exports as plain MatMul/Softmax; SDPA adds IsNaN/Where guards.
-        model = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                     dtype=torch.float32, attn_implementation="eager")
-    except Exception as exc:  # transformers raises many types; name the folder and the cause
-        raise ModelLoadError(f"{folder}: transformers cannot load it for {task}: {exc}") from exc
-    pooling = sentence_pooling(folder) if task == "feature-extraction" else None
+        model, info = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                           trust_remote_code=False, dtype=torch.float32,
+                                           attn_implementation="eager", output_loading_info=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError,
+            SafetensorError, *_strict_config_errors()) as exc:
+        raise ModelLoadError(f"{folder}: transformers cannot load it for {task}: {_one_line(exc)}") from exc
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ModelLoadError(f"{folder}: its weights lack {len(missing)} tensor(s) {type(model).__name__} "
+                             f"needs for {task} (e.g. {missing[0]}); they would be random")
+    pooling = spec.pooling if task == "feature-extraction" else None
 
     class FolderModel(nn.Module):
         """``input_ids``, ``attention_mask`` (int64 [N, L]) -> the task's output."""
@@ -173,9 +396,32 @@ def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # a missing or corrupt tokenizer file: name the folder
-        raise ModelLoadError(f"{folder}: its tokenizer does not load ({type(exc).__name__}: {exc})") from exc
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # tokenizers' Rust errors are bare Exception: name the folder and the cause
+        raise ModelLoadError(f"{folder}: its tokenizer does not load ({type(exc).__name__}: "
+                             f"{_one_line(exc)})") from exc
+
+
+def _strict_config_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's typed-config validation error (transformers 5 configs), where it exists."""
+    from huggingface_hub import errors
+
+    error = getattr(errors, "StrictDataclassError", None)
+    return (error,) if error is not None else ()
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library's exception text on one line, cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _kind(value: Any) -> str:
+    """A JSON value for a message: its JSON type and a short repr (never more than one line)."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    text = repr(value)
+    return f"{names.get(type(value), type(value).__name__)} {text if len(text) <= 40 else text[:39] + '…'}"
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
@@ -194,11 +440,10 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
     from slimgraph.frontend.text import EVERYDAY_SENTENCES
 
     folder = Path(folder)
-    config = read_config(folder)
-    check_weights(folder)
-    task = detect_task(folder, config, task)
+    spec = read_folder(folder)
+    task = detect_task(spec, task)
     tokenizer = _tokenizer(folder)
-    module, output, pooled = _make_module(folder, task)
+    module, output, pooled = _make_module(spec, task)
 
     def tokenise(texts: Sequence[str]) -> dict[str, np.ndarray]:
         encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
@@ -238,8 +483,7 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
     kind = {"text-classification": "classification", "token-classification": "token-classification",
             "fill-mask": "fill-mask"}.get(task, "embedding")
     label = name or folder.name
-    what = f"{config.get('model_type', 'transformer')} {task}" + (" (pooled sentence embedding)"
-                                                                   if pooled else "")
+    what = f"{spec.model_type} {task}" + (" (pooled sentence embedding)" if pooled else "")
     return BuiltinModel(
         name=label,
         description=f"Hugging Face folder {folder}: {what}; data padded to {MAX_LENGTH} tokens",
@@ -252,6 +496,6 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
         evaluation=evaluation,
         task=kind,
         training=training,
-        max_sequence=config.get("max_position_embeddings", 512) if dynamic_sequence else None,
+        max_sequence=spec.max_position_embeddings if dynamic_sequence else None,
         folder_task=task,
     )
