@@ -4,15 +4,15 @@ dataset in one process or over Ray actors (replicas, or one actor per stage)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.artifact import MANIFEST, file_hashes, staged_dir, write_json
-from slimgraph.errors import InputSpecError, VerificationError
+from slimgraph.artifact import MANIFEST, check_output_path, file_hashes, staged_dir, write_json
+from slimgraph.errors import InputSpecError, ModelLoadError, VerificationError
+from slimgraph.parallel.run import PIPELINE_FORMAT, check_threads, read_manifest, verified_file
 
 PIPELINE = "pipeline.json"
 STAGES_DIR = "stages"
@@ -27,18 +27,23 @@ class PartitionResult:
 
 
 def load_for_partition(model: Any, calibration: Any = None):
-    """``slimgraph.load`` of MODEL, or of an artifact directory's model.onnx with its built-in
-    source's data where it came from one."""
+    """``slimgraph.load`` of MODEL, or of an artifact directory's model.onnx (read only after its
+    sha256 matches the manifest) with its built-in source's data where it came from one."""
     import slimgraph
+    from slimgraph.backends.ort import MODEL_FILE
 
     path = Path(str(model)) if isinstance(model, (str, Path)) else None
     if path is not None and path.is_dir() and (path / MANIFEST).exists():
-        source = json.loads((path / MANIFEST).read_text()).get("source", {})
-        if calibration is None and source.get("kind") == "builtin":
+        manifest = read_manifest(path, ModelLoadError)
+        file, _ = verified_file(path, MODEL_FILE, manifest["files"], ModelLoadError)
+        source = manifest.get("source")
+        if calibration is None and isinstance(source, dict) and source.get("kind") == "builtin":
             from slimgraph.frontend.builtin import get_builtin
 
+            if not isinstance(source.get("name"), str):
+                raise ModelLoadError(f"{path / MANIFEST}: source.name must be a string")
             calibration = get_builtin(source["name"]).calibration(64)
-        return slimgraph.load(path / "model.onnx", calibration=calibration)
+        return slimgraph.load(file, calibration=calibration)
     return slimgraph.load(model, calibration=calibration)
 
 
@@ -58,13 +63,14 @@ def partition(model: Any, out: str | Path, *, stages: int | None = None, balance
         raise InputSpecError("partition: give --stages, or --max-stage-bytes to pick the count")
     if stages is not None and stages < 1:
         raise InputSpecError(f"partition: --stages must be >= 1, got {stages}")
-    if max_stage_bytes is not None and max_stage_bytes < 1:
-        raise InputSpecError(f"partition: --max-stage-bytes must be >= 1, got {max_stage_bytes}")
+    for flag, value in (("--max-stage-bytes", max_stage_bytes), ("--batch", batch),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            raise InputSpecError(f"partition: {flag} must be >= 1, got {value}")
+    check_threads("partition", threads)
     out = Path(out)
-    if out.exists() and not force:  # fail before the minutes of profiling
-        from slimgraph.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out}: output directory exists; pass --force to replace it")
+    if out.parent.is_dir():  # fail before the minutes of profiling; a missing folder is made later
+        check_output_path(out, force=force, kind="output directory")
     loaded = load_for_partition(model, calibration)
     feeds = list(loaded.calibration) if loaded.calibration else loaded.verification_feeds
     singles = [{k: v[i:i + 1] for k, v in f.items()} for f in feeds
@@ -73,9 +79,12 @@ def partition(model: Any, out: str | Path, *, stages: int | None = None, balance
     best, facts = plan(loaded.model, micro, singles[0], stages=stages, balance=balance,
                        max_stage_bytes=max_stage_bytes, threads=threads)
     check = _verify(loaded.model, best, loaded.verification_feeds)
+    if not check["passed"]:  # before anything is written
+        raise VerificationError(f"{out}: the pipelined outputs differ from the unpartitioned "
+                                f"model's by {check['max_abs_diff']:.3g} (limit {check['limit']:.3g})")
     graph = loaded.model.graph
     pipeline = {
-        "format": "slimgraph-pipeline/1",
+        "format": PIPELINE_FORMAT,
         "inputs": [v.name for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
         "balance": balance, "max_stage_bytes": max_stage_bytes, **facts,
@@ -100,9 +109,6 @@ def partition(model: Any, out: str | Path, *, stages: int | None = None, balance
         (root / "report.md").write_text(_report(pipeline, manifest))
         manifest["files"] = file_hashes(root)
         write_json(root / MANIFEST, manifest)
-    if not check["passed"]:
-        raise VerificationError(f"{out}: the pipelined outputs differ from the unpartitioned "
-                                f"model's by {check['max_abs_diff']:.3g} (limit {check['limit']:.3g})")
     return PartitionResult(out, pipeline, manifest)
 
 
