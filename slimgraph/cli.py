@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import slimgraph
@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--no-measure", action="store_true",
                      help="do not run the model here (every row is then a bound)")
     adv.add_argument("-o", "--out", default="advise", help="directory for advise.json, roofline.png")
+    adv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(adv)
 
     part = sub.add_parser("partition", help="cut MODEL into pipeline stages balanced by measured "
@@ -175,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "backends": _backends, "advise": _advise, "partition": _partition,
                 "run": _run}[args.command](args)
     except SlimgraphError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True,
+                  soft_wrap=True, emoji=False)  # escaped: names in the message come from the input
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
@@ -374,35 +376,37 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _advise(args: argparse.Namespace) -> int:
     from slimgraph.advise import advise, plot_roofline
-    from slimgraph.artifact import write_json
+    from slimgraph.artifact import check_output_path, staged_dir
 
+    out = check_output_path(args.out, force=args.force, kind="output directory")  # before the work
     result = advise(args.model, batch=args.batch, slo_ms=args.slo_ms,
-                    precisions=[p for p in args.precisions.split(",") if p],
+                    precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
                     devices=args.devices, measure=not args.no_measure)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "advise.json", result.to_json())
-    plot = plot_roofline(result, out / "roofline.png")
+    text = result.dumps()
+    with staged_dir(out, force=args.force) as tmp:
+        (tmp / "advise.json").write_text(text)
+        plot = plot_roofline(result, tmp / "roofline.png")
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(text, end="")
         return 0
     if args.quiet:
         return 0
     slo = f", SLO {args.slo_ms:g} ms" if args.slo_ms is not None else ""
     table = Table("#", "device (backend)", "prec.", "ms", "per s", "$/M inf.", "SLO", "basis",
-                  title=f"{result.model}, batch {result.batch}{slo}")
+                  title=f"{escape(result.model)}, batch {result.batch}{slo}")
     for i, c in enumerate(result.ranked, 1):
         cost = c.cost_per_million
         meets = {None: "-", True: "yes", False: "[red]no[/]"}[c.meets(args.slo_ms)]
         basis = c.basis + ("" if c.fits else ", [red]does not fit memory[/]")
         table.add_row(str(i), f"{c.device.name} ({c.device.backend})", c.precision,
-                      f"{c.predicted_ms:.3g}", f"{c.throughput:.3g}",
+                      f"{c.predicted_ms:.3g}", "-" if c.throughput is None else f"{c.throughput:.3g}",
                       "-" if cost is None else f"{cost:.3g}", meets, basis)
     console = Console()
     console.print(table)
     console.print("'bound only': no device of that kind ran here, so the row is the roofline bound "
                   "(a floor: real latency adds launch overhead and lost efficiency). Every device "
-                  f"figure's source is in {out}/advise.json; plot: {plot or 'matplotlib missing'}")
+                  f"figure's source is in {escape(str(out / 'advise.json'))}; plot: "
+                  + (escape(str(out / "roofline.png")) if plot else "matplotlib missing"))
     return 0
 
 

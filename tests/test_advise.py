@@ -11,7 +11,7 @@ import pytest
 import slimgraph.advise as adv
 from slimgraph.advise import CATALOGUE, Choice, Device, choices_for, layer_bounds, rank
 from slimgraph.cli import main
-from slimgraph.errors import InputSpecError
+from slimgraph.errors import CatalogueError
 from slimgraph.model_stats import LayerMacs
 
 
@@ -86,7 +86,7 @@ def test_user_devices_add_and_replace(tmp_path):
     assert devices["my-slow-box"].tops["fp32"] == pytest.approx(0.256)  # its own clock
     bad = tmp_path / "bad.toml"
     bad.write_text('[[device]]\nname = "x"\nkind = "cpu"\nfamily = "nope"\ncores = 1\n')
-    with pytest.raises(InputSpecError, match="unknown cpu_family"):
+    with pytest.raises(CatalogueError, match="unknown cpu_family"):
         adv.load_catalogue(bad, host=False)
 
 

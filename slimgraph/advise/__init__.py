@@ -12,21 +12,30 @@ Calibration. On this machine the model runs in onnxruntime at each precision tha
 (fp32); ``efficiency = bound / measured`` scales the prediction for every device of the same kind
 (``predicted = bound / efficiency``). A device kind with no measurement is predicted at its bound
 and says so.
+
+Catalogue. Every field of every device and cpu family is checked when a catalogue is read: its type,
+finiteness and range (``TOPS_RANGE``, ``GBPS_RANGE``, ... below: generous physical ceilings), names
+from a safe alphabet, kinds and precisions from their lists. A bad one is a CatalogueError naming
+the file, the entry and the field, so no NaN, zero or negative figure reaches the arithmetic.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import time
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slimgraph.errors import InputSpecError
+from slimgraph.errors import CatalogueError, InputSpecError
 from slimgraph.model_stats import LayerMacs, layer_costs
 
 CATALOGUE = Path(__file__).with_name("devices.toml")
@@ -58,15 +67,14 @@ class Device:
 
 
 def load_catalogue(extra: str | Path | None = None, host: bool = True) -> list[Device]:
-    """The shipped devices, then ``extra``'s (same name replaces), then this machine's CPU."""
-    data = tomllib.loads(CATALOGUE.read_text())
-    families = {f["name"]: f for f in data.get("cpu_family", [])}
-    entries = {d["name"]: d for d in data.get("device", [])}
+    """The shipped devices, then ``extra``'s (same name replaces), then this machine's CPU. Every
+    field of every entry is checked here; a bad one raises CatalogueError naming file and entry."""
+    families, entries = _read_catalogue(CATALOGUE)
     if extra is not None:
-        more = tomllib.loads(Path(extra).read_text())
-        families.update({f["name"]: f for f in more.get("cpu_family", [])})
-        entries.update({d["name"]: d for d in more.get("device", [])})
-    devices = [_device(entry, families) for entry in entries.values()]
+        more_families, more_entries = _read_catalogue(Path(extra))
+        families.update(more_families)
+        entries.update(more_entries)
+    devices = [_device(entry, families, where) for entry, where in entries.values()]
     if host:
         local = host_device(families)
         if local is not None:
@@ -74,25 +82,159 @@ def load_catalogue(extra: str | Path | None = None, host: bool = True) -> list[D
     return devices
 
 
+# Sane physical ceilings for catalogue figures: far above any single device built (the largest, a
+# wafer-scale engine, claims 125 POPS and 21 PB/s on chip), far below where the arithmetic
+# overflows. The floors keep every bound finite. A figure outside them is a unit slip.
+TOPS_RANGE = (1e-6, 1e6)  # tera-operations/s per precision: 1 MOPS .. 1 EOPS
+GBPS_RANGE = (1e-3, 1e8)  # GB/s: 1 MB/s .. 100 PB/s
+MEMORY_GB_RANGE = (1e-6, 1e7)  # GB: 1 kB .. 10 PB
+MAX_PRICE = 1e6  # USD per device-hour; a price, where given, is > 0
+KINDS = ("cpu", "gpu", "tpu", "fpga")
+HOST = "this-cpu"  # the machine advise runs on; no catalogue entry may take its name
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+Check = Callable[[Any], str | None]  # what is wrong with a value (appended to its field), or None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _scalar(test: Callable[[Any], bool], wanted: str) -> Check:
+    return lambda value: None if test(value) else f" = {_show(value)}: must be {wanted}"
+
+
+def _number(low: float, high: float, *, integer: bool = False, above: bool = False) -> Check:
+    """A TOML number (an integer where ``integer``; never a bool), finite, in [low, high] (or
+    (low, high] where ``above``)."""
+    types = int if integer else (int, float)
+
+    def test(v: Any) -> bool:
+        return (isinstance(v, types) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if above else v >= low) and v <= high)
+
+    span = f"{'(' if above else '['}{low:g}, {high:g}]"
+    return _scalar(test, f"{'an integer' if integer else 'a number'} in {span}")
+
+
+def _table_of(keys: tuple[str, ...], inner: Check) -> Check:
+    """A TOML table with at least one of ``keys`` (and no other), each value passing ``inner``."""
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict) or not value:
+            return f" = {_show(value)}: must be a table of {', '.join(keys)}"
+        for key, item in value.items():
+            if key not in keys:
+                return f": unknown key {_show(key)}; valid: {', '.join(keys)}"
+            problem = inner(item)
+            if problem:
+                return f".{key}{problem}"
+        return None
+
+    return check
+
+
+_IDENT = _scalar(lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None,
+                 "1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+_TEXT = _scalar(lambda v: isinstance(v, str), "a string")
+_FLAG = _scalar(lambda v: isinstance(v, bool), "true or false")
+_STRINGS = _scalar(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                   "a list of strings")
+_GHZ = _number(0, 10, above=True)
+_DEVICE_FIELDS: dict[str, Check] = {
+    "name": _IDENT, "kind": _scalar(lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "backend": _IDENT, "tops": _table_of(tuple(BITS), _number(*TOPS_RANGE)),
+    "memory_gbps": _number(*GBPS_RANGE), "memory_gb": _number(*MEMORY_GB_RANGE),
+    "price_per_hour": _number(0, MAX_PRICE, above=True),
+    "source": _TEXT, "price_source": _TEXT, "checked": _FLAG,
+    # A cloud CPU instance: its peaks are its cpu_family's at `cores` and `boost_ghz`.
+    "family": _IDENT, "cores": _number(1, 1e5, integer=True), "boost_ghz": _GHZ,
+    # An FPGA: what its int8 peak is computed from.
+    "dsp": _number(1, 1e8, integer=True), "bram18": _number(1, 1e8, integer=True),
+    "clock_mhz": _number(0, 1e4, above=True),
+}
+_FAMILY_FIELDS: dict[str, Check] = {
+    "name": _IDENT, "vendor": _TEXT, "match": _STRINGS, "absent": _STRINGS,
+    "ops_per_cycle": _table_of(tuple(BITS), _number(0, 1e5, above=True)), "boost_ghz": _GHZ,
+    "cache_bytes_per_cycle": _table_of(("l2", "l3"), _number(0, 1e5, above=True)),
+    "source": _TEXT, "checked": _FLAG,
+}
 _FIELDS = {"name", "kind", "backend", "tops", "memory_gbps", "memory_gb", "price_per_hour",
-           "source", "price_source", "checked"}
+           "source", "price_source", "checked"}  # the Device's own; the rest go to its `extra`
 
 
-def _device(entry: dict[str, Any], families: dict[str, dict]) -> Device:
+def _read_catalogue(path: Path) -> tuple[dict[str, dict], dict[str, tuple[dict, str]]]:
+    """One catalogue file's checked cpu families (name -> table) and devices (name -> (table,
+    where it came from)); each field is checked, a device's cross-field rules in ``_device``."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogueError(f"{path}: cannot read the device catalogue ({exc.strerror})") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogueError(f"{path}: not a TOML device catalogue ({exc})") from exc
+    unknown = sorted(set(data) - {"device", "cpu_family"})
+    if unknown:
+        raise CatalogueError(f"{path}: unknown key {_show(unknown[0])}; a device catalogue holds "
+                             "[[device]] and [[cpu_family]] tables")
+    families = _entries(path, data, "cpu_family", _FAMILY_FIELDS,
+                        ("match", "ops_per_cycle", "boost_ghz", "source"))
+    return {name: table for name, (table, _) in families.items()}, _entries(
+        path, data, "device", _DEVICE_FIELDS, ())
+
+
+def _entries(path: Path, data: dict[str, Any], key: str, fields: dict[str, Check],
+             required: tuple[str, ...]) -> dict[str, tuple[dict, str]]:
+    tables = data.get(key, [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise CatalogueError(f"{path}: {key} must be a list of [[{key}]] tables")
+    out: dict[str, tuple[dict, str]] = {}
+    for i, table in enumerate(tables, 1):
+        problem = _IDENT(table.get("name"))
+        if problem:
+            raise CatalogueError(f"{path}: [[{key}]] #{i}: name{problem}")
+        where = f"{path}: {key.replace('_', ' ')} {table['name']!r}"
+        if table["name"] in out:
+            raise CatalogueError(f"{where}: named twice in this file")
+        missing = [f for f in required if f not in table]
+        if missing:
+            raise CatalogueError(f"{where}: lacks {', '.join(missing)}")
+        for field, value in table.items():
+            check = fields.get(field)
+            if check is None:
+                raise CatalogueError(f"{where}: unknown field {_show(field)}; valid: {', '.join(fields)}")
+            problem = check(value)
+            if problem:
+                raise CatalogueError(f"{where}: {field}{problem}")
+        out[table["name"]] = (table, where)
+    return out
+
+
+def _device(entry: dict[str, Any], families: dict[str, dict], where: str) -> Device:
+    """A Device from a field-checked entry: its peaks given (``tops``) or from its cpu family."""
     entry = dict(entry)
+    if entry["name"] == HOST:
+        raise CatalogueError(f"{where}: the name {HOST!r} is the machine advise runs on; choose another")
+    if "tops" in entry and "family" in entry:
+        raise CatalogueError(f"{where}: give tops or family (a CPU instance), not both")
     family = entry.get("family")
     if family is not None:
         if family not in families:
-            raise InputSpecError(f"device {entry['name']!r}: unknown cpu_family {family!r}")
+            raise CatalogueError(f"{where}: unknown cpu_family {family!r}; known: {', '.join(families)}")
+        if "cores" not in entry:
+            raise CatalogueError(f"{where}: lacks cores (its peaks are cores x boost_ghz x its "
+                                 "cpu_family's ops_per_cycle)")
         ghz = entry.get("boost_ghz", families[family]["boost_ghz"])  # the instance's own clock
         entry["tops"] = _cpu_tops(families[family], entry["cores"], ghz)
+        problem = _DEVICE_FIELDS["tops"](entry["tops"])
+        if problem:
+            raise CatalogueError(f"{where}: tops (from cpu_family {family!r}){problem}")
+    missing = [f for f in ("kind", "tops", "memory_gbps", "memory_gb") if f not in entry]
+    if missing:
+        raise CatalogueError(f"{where}: lacks {', '.join(missing)}")
     entry.setdefault("price_per_hour", None)  # unpriced: ranked after the priced
     entry.setdefault("source", "")
     entry.setdefault("backend", "")
-    missing = {"name", "kind", "tops", "memory_gbps", "memory_gb"} - entry.keys()
-    if missing:
-        raise InputSpecError(f"device {entry.get('name')!r} lacks {', '.join(sorted(missing))}")
-    return Device(**{k: entry.get(k) for k in _FIELDS if k in entry},
+    return Device(**{k: v for k, v in entry.items() if k in _FIELDS},
                   extra={k: v for k, v in entry.items() if k not in _FIELDS})
 
 
@@ -141,7 +283,7 @@ def host_device(families: dict[str, dict]) -> Device | None:
         levels.append((caches["l3"], cores * per_cycle["l3"] * ghz))
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     return Device(
-        name="this-cpu", kind="cpu", backend="ort-cpu",
+        name=HOST, kind="cpu", backend="ort-cpu",
         tops=_cpu_tops(family, cores, ghz), memory_gbps=measure_bandwidth(cores),
         memory_gb=round(memory_gb, 1), price_per_hour=None,
         source=f"detected: {vendor}, flags {', '.join(sorted(set(family['match'])))}, {cores} "
@@ -249,8 +391,9 @@ class Choice:
     efficiency: float | None = None
 
     @property
-    def throughput(self) -> float:
-        return self.batch / (self.predicted_ms / 1e3)
+    def throughput(self) -> float | None:
+        """Samples per second; None for a model whose bound is zero (no work the counts see)."""
+        return self.batch / (self.predicted_ms / 1e3) if self.predicted_ms > 0 else None
 
     @property
     def cost_per_million(self) -> float | None:
@@ -308,7 +451,8 @@ def choices_for(costs: list[LayerMacs], devices: list[Device], precisions: list[
         if ms is not None:
             c.measured_ms, c.predicted_ms, c.basis = ms, ms, "measured"
             c.efficiency = c.bound_ms / ms
-            efficiencies.setdefault(c.device.kind, (c.efficiency, c.device.name))
+            if c.efficiency > 0:  # a zero bound scales nothing
+                efficiencies.setdefault(c.device.kind, (c.efficiency, c.device.name))
     for c in out:
         if c.basis == "bound only" and c.device.kind in efficiencies:
             efficiency, where = efficiencies[c.device.kind]
@@ -342,6 +486,10 @@ class Advice:
                 "layers": [c.to_json() for c in self.costs], "host_layers": self.host_layers,
                 "host_layers_below_bound": len(self.below_bound)}
 
+    def dumps(self) -> str:
+        """advise.json's text: strict JSON, so a NaN or an infinity raises instead of being written."""
+        return json.dumps(self.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
 
 def lent_gpu(catalogue: list[Device]) -> Device | None:
     """The catalogue entry of the NVIDIA GPU on this machine, if onnxruntime can use CUDA and
@@ -363,7 +511,8 @@ def gpu_entry(reported: str, catalogue: list[Device]) -> Device | None:
     """The catalogue GPU whose model number (T4, L4, A10, A100, H100, H200) ``reported`` names."""
     words = reported.upper().replace("-", " ").split()
     for device in catalogue:
-        if device.kind == "gpu" and device.name.split("-")[1].upper() in words:
+        parts = device.name.upper().split("-")
+        if device.kind == "gpu" and len(parts) > 1 and parts[1] in words:
             return device
     return None
 
@@ -380,6 +529,21 @@ def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 
     return interleaved({"m": lambda: session.run(None, feed)}, warmup=5, repeat=repeat)["m"].p50_ms
 
 
+def check_request(batch: Any, slo_ms: Any, precisions: list[str] | None) -> list[str]:
+    """Refuse a batch below 1, an SLO that is not a finite number of ms > 0, or an unknown
+    precision; the precisions asked (all four when none are), each once."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputSpecError(f"advise: batch must be an integer >= 1, got {_show(batch)}")
+    if slo_ms is not None and (isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float))
+                               or not math.isfinite(slo_ms) or slo_ms <= 0):
+        raise InputSpecError(f"advise: slo_ms must be a finite number of milliseconds > 0, "
+                             f"got {_show(slo_ms)}")
+    for p in precisions or ():
+        if not isinstance(p, str) or p not in BITS:
+            raise InputSpecError(f"advise: unknown precision {_show(p)}; valid: {', '.join(BITS)}")
+    return list(dict.fromkeys(precisions or BITS))
+
+
 def advise(model: Any, *, batch: int = 1, slo_ms: float | None = None,
            precisions: list[str] | None = None, devices: str | Path | None = None,
            measure: bool = True, repeat: int = 50) -> Advice:
@@ -390,17 +554,14 @@ def advise(model: Any, *, batch: int = 1, slo_ms: float | None = None,
     import slimgraph
     from slimgraph.calibration import stack_feeds
 
-    precisions = precisions or ["fp32", "fp16", "bf16", "int8"]
-    unknown = [p for p in precisions if p not in BITS]
-    if unknown:
-        raise InputSpecError(f"unknown precision {unknown}; valid: {', '.join(BITS)}")
+    precisions = check_request(batch, slo_ms, precisions)
+    catalogue = load_catalogue(devices)  # before the model: a bad catalogue fails fast
     path = Path(str(model)) if isinstance(model, (str, Path)) else None
     if path is not None and path.is_dir() and (path / "manifest.json").exists():
         model = path / "model.onnx"
     loaded = slimgraph.load(model)
     ir.passes.common.ShapeInferencePass()(loaded.model)
     costs = layer_costs(loaded.model, batch)
-    catalogue = load_catalogue(devices)
     measured, host_layers = {}, []
     here = next((d for d in catalogue if d.here), None)
     if measure and here is not None and "fp32" in precisions and loaded.calibration:
@@ -472,7 +633,8 @@ def plot_roofline(advice: Advice, path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (operations / byte)")
     ax.set_ylabel("operations / s at the bound")
-    ax.set_title(f"{advice.model}, batch {advice.batch}: roofline")
+    # "$" would start matplotlib's mathtext, which fails on text that is not TeX: keep it literal.
+    ax.set_title(f"{advice.model}, batch {advice.batch}: roofline".replace("$", r"\$"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()

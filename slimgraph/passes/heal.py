@@ -65,20 +65,22 @@ class HealWeightsPass(SlimgraphPass):
 
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha weighs distillation against cross-entropy: in [0, 1], got {alpha}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if hidden < 0:
+        if not 0 <= hidden < math.inf:
             raise ValueError(f"hidden is the weight of the layer-output loss, >= 0, got {hidden}")
+        if not -(2**63) <= seed < 2**64:  # what torch's generators take
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
         self.steps, self.lr, self.batch = steps, lr, batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -65,14 +66,16 @@ class Pipeline:
         """Build a pipeline from a TOML recipe: a ``[[pass]]`` table per pass, ``name`` + options."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise PipelineSpecError(f"{path}: cannot read recipe: {exc}") from exc
         tables = data.get("pass")
         if not isinstance(tables, list) or not tables:
             raise PipelineSpecError(f"{path}: a recipe needs at least one [[pass]] table")
         passes = []
         for i, table in enumerate(tables):
+            if not isinstance(table, dict):
+                raise PipelineSpecError(f"{path}: [[pass]] #{i + 1} is not a table")
             table = dict(table)
             name = table.pop("name", None)
             if not isinstance(name, str):
@@ -221,12 +224,20 @@ def make_pass(
 
 def _coerce(raw: Any, hint: Any, where: str) -> Any:
     """Turn a CLI string (or a TOML value) into the annotated type of an option; for a union
-    (``float | str``), the first of its types that takes the string."""
-    if not isinstance(raw, str):
-        return raw
+    (``float | str``), the first of its types that takes the string. A numeric option never takes
+    NaN or an infinity, in any spelling (``nan``, ``-inf``, ``1e309``, TOML's ``inf``)."""
     targets = [hint]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         targets = [a for a in typing.get_args(hint) if a is not type(None)] or [str]
+    numeric = [t.__name__ for t in targets if t in (int, float)]
+    if numeric and _non_finite(raw):
+        raise PipelineSpecError(f"{where}: {raw!r} is not a {' or '.join(numeric)}: NaN and "
+                                "infinities are refused")
+    if not isinstance(raw, str):  # a TOML value: already typed, so checked rather than converted
+        if any(_is_typed(raw, t) for t in targets):
+            return raw
+        kind = " or ".join(getattr(t, "__name__", str(t)) for t in targets)
+        raise PipelineSpecError(f"{where}: {raw!r} is not a {kind}")
     error: ValueError | None = None
     for target in targets:
         try:
@@ -235,6 +246,28 @@ def _coerce(raw: Any, hint: Any, where: str) -> Any:
             error = exc
     kind = " or ".join(getattr(t, "__name__", str(t)) for t in targets)
     raise PipelineSpecError(f"{where}: {raw!r} is not a valid {kind}") from error
+
+
+def _non_finite(raw: Any) -> bool:
+    """Whether an option value is, or a string reads as, a float that is NaN or infinite."""
+    if isinstance(raw, str):
+        try:
+            raw = float(raw)
+        except ValueError:
+            return False
+    return isinstance(raw, float) and not math.isfinite(raw)
+
+
+def _is_typed(raw: Any, target: Any) -> bool:
+    """Whether a TOML value fits an option's type: an int serves a float, a bool no number, a
+    list holds strings."""
+    if isinstance(raw, bool) or target is bool:
+        return isinstance(raw, bool) and target is bool
+    if target is float:
+        return isinstance(raw, (int, float))
+    if typing.get_origin(target) in (list, tuple):
+        return isinstance(raw, list) and all(isinstance(x, str) for x in raw)
+    return isinstance(target, type) and isinstance(raw, target)
 
 
 def _convert(raw: str, target: Any) -> Any:
