@@ -115,7 +115,8 @@ def test_clip_that_excludes_zero_stays_float():
 
 def test_dead_channel_weight_scale_is_raised_so_the_bias_fits_int32():
     proto = _mobile_block()
-    quantized, _ = _quantized(proto)
+    quantized, qpass = _quantized(proto)
+    qmax = 63 if qpass.target().reduce_range else 127  # 7-bit weights on x86 AVX2 without VNNI
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     producers = {o: n for n in quantized.graph.node for o in n.output}
     depthwise = next(n for n in quantized.graph.node if n.name == "depthwise")
@@ -126,8 +127,8 @@ def test_dead_channel_weight_scale_is_raised_so_the_bias_fits_int32():
     bias = numpy_helper.to_array(proto.graph.initializer[3]).astype(np.float64)
     assert np.all(np.abs(bias) / (x_scale * w_scales) <= BIAS_LIMIT * (1 + 1e-3))
     live = np.abs(numpy_helper.to_array(proto.graph.initializer[2])).reshape(16, -1).max(axis=1)
-    np.testing.assert_allclose(np.delete(w_scales, 5), np.delete(live, 5) / 127, rtol=1e-3)
-    assert w_scales[5] > live[5] / 127 * 100  # raised: its int8 weights are all 0
+    np.testing.assert_allclose(np.delete(w_scales, 5), np.delete(live, 5) / qmax, rtol=1e-3)
+    assert w_scales[5] > live[5] / qmax * 100  # raised: its int8 weights are all 0
 
 
 @pytest.mark.parametrize("bias", [None, np.array([1.0, -3.0], np.float32)])
@@ -203,4 +204,9 @@ def test_int8_recipe_passes_its_own_verification_on_a_real_pretrained_mobile_cnn
     _session(onnx.load(result.out / "model.onnx"), str(optimized))
     ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
     convs = ops["QLinearConv"] + ops["Conv"] + ops["FusedConv"]
-    assert convs == 64 and ops["QLinearConv"] >= 60 and ops["QLinearAdd"] == 14
+    # On x86 AVX2 without VNNI the weights are 7-bit (onnxruntime's u8s8 kernels would saturate
+    # int16 pair sums) and the accuracy guard keeps a few more layers float to meet the tolerance.
+    from slimgraph.passes.quantize.int8 import cpu_flags, int8_target
+
+    least = 56 if int8_target(cpu_flags()).reduce_range else 60
+    assert convs == 64 and ops["QLinearConv"] >= least and ops["QLinearAdd"] == 14
