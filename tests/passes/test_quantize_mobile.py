@@ -208,5 +208,6 @@ def test_int8_recipe_passes_its_own_verification_on_a_real_pretrained_mobile_cnn
     # int16 pair sums) and the accuracy guard keeps a few more layers float to meet the tolerance.
     from slimgraph.passes.quantize.int8 import cpu_flags, int8_target
 
-    least = 56 if int8_target(cpu_flags()).reduce_range else 60
-    assert convs == 64 and ops["QLinearConv"] >= least and ops["QLinearAdd"] == 14
+    seven_bit = int8_target(cpu_flags()).reduce_range
+    least, adds = (56, 12) if seven_bit else (60, 14)  # the net has 14 residual adds
+    assert convs == 64 and ops["QLinearConv"] >= least and ops["QLinearAdd"] >= adds
