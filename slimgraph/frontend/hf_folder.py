@@ -14,8 +14,8 @@ are padded to ``MAX_LENGTH`` tokens. Only safetensors weights are read: a folder
 only pickled weights (``pytorch_model.bin``) is refused, nothing is unpickled. The folder is data:
 ``read_folder`` checks its JSON files, refuses custom code (``auto_map``, classes transformers does
 not ship) and any file or path that leads out of it, before transformers reads it. Texts for
-calibration and verification default to ``text.EVERYDAY_SENTENCES``; healing trains on the Python
-documentation sentences unless given its own.
+calibration and verification default to ``text.EVERYDAY_SENTENCES``; healing trains on general
+English read from installed packages (``corpora``) unless given its own.
 """
 
 from __future__ import annotations
@@ -465,17 +465,21 @@ def build(folder: str | Path, *, name: str | None = None, task: str | None = Non
         return EvalData([tokenise(b) for b in batches], labels=None)
 
     def training() -> TrainSplit:
-        """``training_texts``, else the Python documentation sentences split by hash into
-        disjoint training and held-out sets; heal distils the float model on them."""
-        from slimgraph.frontend.text import documentation_sentences, documentation_source, split_sentences
+        """``training_texts`` (split by hash into disjoint training and held-out sets), else
+        general English (``corpora.general_training``) scored on held-out general English from
+        other sources (``corpora.general_held_out``); heal distils the float model on them."""
+        from slimgraph.frontend.corpora import general_held_out, general_training
+        from slimgraph.frontend.text import split_sentences
 
         if training_texts is not None:
             train, held = split_sentences(training_texts)
             source = f"{len(train)} given training texts"
+            held = held[:: max(1, len(held) // HEAL_HELD_OUT)][:HEAL_HELD_OUT]
         else:
-            train, held = split_sentences(documentation_sentences())
-            source = f"{len(train)} {documentation_source()}"
-        held = held[:: max(1, len(held) // HEAL_HELD_OUT)][:HEAL_HELD_OUT]
+            mix, held_mix = general_training(), general_held_out()
+            train, held = mix.sentences, held_mix.sentences
+            source = (f"{len(train)} general English sentences: {mix.describe()}; scored on "
+                      f"{len(held)} held-out sentences of other sources: {held_mix.describe()}")
         return TrainSplit(tokenise(train), None, source,
                           held_out=[tokenise(held[i:i + EVAL_BATCH * 4])
                                     for i in range(0, len(held), EVAL_BATCH * 4)])

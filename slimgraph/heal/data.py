@@ -36,19 +36,41 @@ class TrainingData:
     warning: str | None = None
     teacher_model: Any = None  # the source graph (onnx_ir.Model): layer outputs for hidden=
     _teacher_outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    _computed: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _held_out_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def teacher_outputs(self) -> list[np.ndarray]:
-        """The teacher's outputs on every training sample (computed once, shared by heal passes)."""
-        if self._teacher_outputs is None:
-            n = len(self)
-            batches = [self.teacher({k: v[i : i + TEACHER_BATCH] for k, v in self.inputs.items()})
-                       for i in range(0, n, TEACHER_BATCH)]
-            self._teacher_outputs = [np.concatenate([b[j] for b in batches]).astype(np.float32)
-                                     for j in range(len(batches[0]))]
+    def teacher_outputs(self, indices: np.ndarray | None = None, trim: bool = False,
+                        ) -> list[np.ndarray]:
+        """The teacher's outputs, one row per training sample, for the samples at ``indices`` (all
+        by default). Each sample is computed once and kept (heal passes share them); rows not
+        asked for yet are zero. ``trim`` runs length-sorted batches cut to their longest text."""
+        from slimgraph.heal.train import text_lengths, trimmed
+
+        n = len(self)
+        indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self._computed is None:
+            self._computed = np.zeros(n, dtype=bool)
+        missing = indices[~self._computed[indices]]
+        lengths = text_lengths(self.inputs) if trim else None
+        if lengths is not None:
+            missing = missing[np.argsort(lengths[missing], kind="stable")]
+        for start in range(0, len(missing), TEACHER_BATCH):
+            chunk = missing[start:start + TEACHER_BATCH]
+            feeds = {k: v[chunk] for k, v in self.inputs.items()}
+            if lengths is not None:
+                feeds = trimmed(feeds, lengths[chunk])
+            outputs = self.teacher(feeds)
+            if self._teacher_outputs is None:
+                self._teacher_outputs = [np.zeros((n, *o.shape[1:]), np.float32) for o in outputs]
+            for full, out in zip(self._teacher_outputs, outputs, strict=True):
+                full[chunk] = out
+            self._computed[chunk] = True
+        if self._teacher_outputs is None:  # nothing asked for: the shapes from one sample
+            self._teacher_outputs = [np.zeros((n, *o.shape[1:]), np.float32)
+                                     for o in self.teacher({k: v[:1] for k, v in self.inputs.items()})]
         return self._teacher_outputs
 
     def held_out_teacher(self) -> list[list[np.ndarray]]:
@@ -105,3 +127,18 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
     return TrainingData(inputs, labels, held_out, held_labels, loaded.reference, loaded.task,
                         source, warning, loaded.model)
 
+
+
+def sequence_trimmable(model: Any) -> bool:
+    """Whether heal may cut text batches to their longest text: the graph takes an
+    ``attention_mask``, every input is [batch, sequence] with a symbolic sequence axis, and no
+    output is of rank above 2 (none carries the sequence axis)."""
+    if model is None:
+        return False
+    inputs = list(model.graph.inputs)
+    if "attention_mask" not in {v.name for v in inputs}:
+        return False
+    for value in inputs:
+        if value.shape is None or len(value.shape) != 2 or isinstance(value.shape[1], int):
+            return False
+    return all(v.shape is not None and len(v.shape) <= 2 for v in model.graph.outputs)

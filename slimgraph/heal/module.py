@@ -185,6 +185,17 @@ def _bits_of(signs: ir.Value) -> ir.Value | None:
     return None
 
 
+def _static_shape(name: str | None, static: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    value = static.get(name) if name else None
+    return tuple(value.shape) if value is not None else ()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:
+        return torch.addmm(b, x, w)
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+
+
 class GraphModule(nn.Module):
     """Run an onnx_ir graph in torch; float weights, fake-quant masters and binary latents train."""
 
@@ -254,7 +265,12 @@ class GraphModule(nn.Module):
         self._graph_initializers = [n for n in self._initializers if n not in special and (
             n in self._param_of or n in self._buffer_of)]
         self.taps: list[str] = []  # values on the way to the outputs that forward() also returns
-        self.steps = self._live([standins.get(s.outputs[0], s) if s.outputs else s for s in steps])
+        # Sparse weights' zeros: masked in every forward, unless the training loop calls project()
+        # after each optimizer step instead (heal.train does: no full-size multiply each step).
+        self.mask_in_forward = True
+        self.steps = self._fuse_linear(
+            self._live([standins.get(s.outputs[0], s) if s.outputs else s for s in steps]), static)
+        self.project()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -335,6 +351,37 @@ class GraphModule(nn.Module):
                 needed.update(i for i in step.inputs if i)
         return kept[::-1]
 
+    def _fuse_linear(self, steps: list[_Step], static: dict[str, torch.Tensor]) -> list[_Step]:
+        """A MatMul by a 2-D weight whose only reader is an Add of a 1-D bias runs as one
+        ``addmm`` (a Linear layer's kernel: the bias add and its gradient fold into the matmul)."""
+        readers: dict[str, int] = {}
+        for step in steps:
+            for name in step.inputs:
+                if name:
+                    readers[name] = readers.get(name, 0) + 1
+        producer = {step.outputs[0]: step for step in steps
+                    if step.run is None and step.node is not None and step.node.op_type == "MatMul"}
+        fused: dict[int, _Step] = {}  # id of the Add step -> its stand-in
+        dropped: set[int] = set()
+        for step in steps:
+            if step.run is not None or step.node is None or step.node.op_type != "Add" or \
+                    len(step.inputs) != 2 or None in step.inputs:
+                continue
+            for out, bias in (step.inputs, step.inputs[::-1]):
+                matmul = producer.get(out)
+                if matmul is None or readers.get(out) != 1 or out in self.output_names:
+                    continue
+                x, w = matmul.inputs
+                shape_w, shape_b = _static_shape(w, static), _static_shape(bias, static)
+                if len(shape_w) != 2 or shape_b != (shape_w[1],):
+                    continue
+                fused[id(step)] = _Step(step.outputs, [x, w, bias], step.node,
+                                        run=lambda env, x=x, w=w, b=bias: _linear(env[x], env[w],
+                                                                                  env[b]))
+                dropped.add(id(matmul))
+                break
+        return [fused.get(id(s), s) for s in steps if id(s) not in dropped]
+
     # -- running -----------------------------------------------------------------------------
 
     def initializer_tensor(self, name: str) -> torch.Tensor:
@@ -343,7 +390,7 @@ class GraphModule(nn.Module):
         if key is None:
             return getattr(self.constants, self._buffer_of[name])
         tensor = self.weights[key]
-        if key in self._mask_of:
+        if self.mask_in_forward and key in self._mask_of:
             tensor = tensor * getattr(self.constants, self._mask_of[key])
         dtype = self._dtype.get(name, torch.float32)
         return tensor.to(dtype) if dtype.is_floating_point else tensor
@@ -368,6 +415,15 @@ class GraphModule(nn.Module):
                                          f"of node {step.node.name!r} ({step.node.op_type})")
             env.update(zip(step.outputs, results, strict=False))
         return [env[name] for name in (*self.output_names, *self.taps)]
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Zero the masked entries of sparse weights again (after every optimizer step, with
+        ``mask_in_forward`` off). Adam updates each entry on its own, so this trains the unmasked
+        entries exactly as masking in the forward does, without a full-size multiply forward and
+        backward each step."""
+        for key, mask in self._mask_of.items():
+            self.weights[key].mul_(getattr(self.constants, mask))
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:

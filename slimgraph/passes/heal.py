@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +25,8 @@ from slimgraph.passes.report import Tolerance
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # bf16 matrix instructions: autocast pays off
 # Heal moves every weight, so no output is bound to stay exact; its own check is the held-out
 # score before and after (a heal that lowers it is undone), recorded in the report.
 HEAL_TOLERANCE = Tolerance(max_rel_err=10.0, min_cosine=0.0, min_top1=0.0)
@@ -38,6 +41,10 @@ class HealWeightsPass(SlimgraphPass):
     it joins that job instead. ``learn_scales`` also trains quantization scales (LSQ).
     ``hidden=W`` adds W x the error of every LayerNormalization output that the float source graph
     computes under the same name (a pruned transformer's hidden states; TinyBERT-style).
+    ``precision``: ``bf16`` trains under bf16 autocast (weights, optimizer state, fake-quant and
+    the written-back graph keep their formats); ``auto`` picks it on CUDA devices with bf16 and on
+    CPUs with AMX or AVX-512 BF16, fp32 elsewhere. Text batches are cut to their longest text
+    where the graph's sequence axis is symbolic and no output has one.
     """
 
     name = "heal"
@@ -60,6 +67,7 @@ class HealWeightsPass(SlimgraphPass):
         seed: int = 0,
         learn_scales: bool = False,
         hidden: float = 0.0,
+        precision: str = "auto",
     ) -> None:
         from slimgraph.heal.train import LOSSES
 
@@ -83,10 +91,12 @@ class HealWeightsPass(SlimgraphPass):
             raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.steps, self.lr, self.batch = steps, lr, batch
         self.temperature, self.alpha, self.loss = temperature, alpha, loss
         self.workers, self.device, self.seed = workers, device, seed
-        self.learn_scales, self.hidden = learn_scales, hidden
+        self.learn_scales, self.hidden, self.precision = learn_scales, hidden, precision
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -94,8 +104,10 @@ class HealWeightsPass(SlimgraphPass):
 
         from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
         from slimgraph.heal.module import GraphModule, layer_taps
-        from slimgraph.heal.train import TrainConfig, resolve_loss, train
+        from slimgraph.heal.data import sequence_trimmable
+        from slimgraph.heal.train import TrainConfig, resolve_loss, text_lengths, train, used_indices
 
+        started = time.perf_counter()
         data = self.training
         if data is None:
             raise PipelineSpecError("heal needs training data: export() binds the model's own or "
@@ -107,8 +119,10 @@ class HealWeightsPass(SlimgraphPass):
         if device == "cuda" and not torch.cuda.is_available():
             raise PipelineSpecError("heal:device=cuda: torch sees no CUDA device here "
                                     "(device=auto uses one where present)")
+        precision, why = resolve_precision(self.precision, device)
+        trim = sequence_trimmable(model) and sequence_trimmable(data.teacher_model)
         config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
-                             self.loss, self.seed, device, self.hidden)
+                             self.loss, self.seed, device, self.hidden, precision, trim)
         teacher_module = None
         if self.hidden > 0:
             taps = layer_taps(model, data.teacher_model)
@@ -120,7 +134,9 @@ class HealWeightsPass(SlimgraphPass):
             teacher_module.taps = taps
             self.report.count("hidden_states_matched", len(taps))
         loss = resolve_loss(self.loss, data.task)
-        teacher = data.teacher_outputs()[0]
+        lengths = text_lengths(data.inputs) if trim else None
+        used = used_indices(len(data), config, lengths)  # the teacher runs on these samples only
+        teacher = data.teacher_outputs(used, trim=trim)[0]
         labels = data.labels if loss == "kd" else None
         torch.manual_seed(self.seed)
         if joined_job():
@@ -144,8 +160,13 @@ class HealWeightsPass(SlimgraphPass):
         self.report.count("steps", stats.steps)
         self.report.count("workers", stats.workers)
         self.report.count("initializers_changed", changed)
+        total = time.perf_counter() - started
         self.report.timing = {"training": round(stats.seconds, 2),
+                              "outside_training": round(total - stats.seconds, 2),
                               "samples_per_s": round(stats.samples_per_s, 1)}
+        self.report.notes.append(f"precision {precision} ({why}); batches "
+                                 + ("cut to their longest text, grouped by length" if trim else
+                                    "at the inputs' full length"))
         summary = module.summary()
         self.report.notes.append(
             "trains " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in summary.items() if n)
@@ -168,6 +189,25 @@ class HealWeightsPass(SlimgraphPass):
             changed = 0
         logger.info("%s", self.report.notes[-1])
         return ir.passes.PassResult(model, changed > 0)
+
+
+def resolve_precision(precision: str, device: str) -> tuple[str, str]:
+    """The training precision for ``precision`` on ``device``, and why."""
+    if precision != "auto":
+        return precision, "asked"
+    import torch
+
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the CUDA device computes in bf16"
+        return "fp32", "auto: the CUDA device has no bf16"
+    from slimgraph.passes.quantize.int8 import cpu_flags
+
+    flags = cpu_flags() or set()
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    if found:
+        return "bf16", f"auto: the CPU has {' and '.join(found)}"
+    return "fp32", "auto: this CPU has no AMX or AVX-512 BF16, where bf16 autocast runs emulated"
 
 
 class Score:
