@@ -7,8 +7,9 @@ batch 32, warm-up + cosine decay, on the general English training text.
 
 - **heal**: the ``heal`` pass on the pruned graph (slimgraph's torch interpreter of the ONNX graph).
 - **peer**: ``transformers.AutoModel`` from the same folder (its default attention, dropout off as
-  heal has none), the same three layers kept, mean pooling and L2 norm as sentence-transformers does, trained on the very same
-  batches (same samples, same cut to the longest text, same teacher targets, same schedule).
+  heal has none), the same three layers kept, mean pooling and L2 norm as sentence-transformers
+  does, trained on the very same batches (same samples, same cut to the longest text, same
+  teacher targets, same schedule).
 
 Both start from the same function (their held-out cosines before training agree to 1e-4, checked)
 and are scored on the same held-out general English (news, reviews, everyday sentences). The rows

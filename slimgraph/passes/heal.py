@@ -102,9 +102,9 @@ class HealWeightsPass(SlimgraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         import torch
 
+        from slimgraph.heal.data import sequence_trimmable
         from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
         from slimgraph.heal.module import GraphModule, layer_taps
-        from slimgraph.heal.data import sequence_trimmable
         from slimgraph.heal.train import TrainConfig, resolve_loss, text_lengths, train, used_indices
 
         started = time.perf_counter()
