@@ -158,7 +158,7 @@ _MARKUP = [
 ]
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}):[^\[\]]*\]\]", re.I)
-_LINK = re.compile(r"\[\[(?:[^|\[\]]*\|)?([^|\[\]]*)\]\]")
+_LINK = re.compile(r"\[\[(?!(?:File|Image|Category|[a-z]{2,3}):)(?:[^|\[\]]*\|)?([^|\[\]]*)\]\]", re.I)
 _EXTERNAL = re.compile(r"\[(?:https?|ftp)://\S+\s*([^\]]*)\]")
 
 
@@ -166,13 +166,17 @@ def _wiki_plain(markup: str) -> str:
     text = html.unescape(markup)
     for pattern, repl in _MARKUP:
         text = pattern.sub(repl, text)
-    for pattern in (_TEMPLATE, _FILE_LINK):
-        for _ in range(8):  # nested templates, links inside file captions
-            text, n = pattern.subn(" ", text)
-            if not n:
-                break
-    text = _LINK.sub(r"\1", text)
+    for _ in range(8):  # nested templates; links inside file captions, innermost first
+        text, n = _TEMPLATE.subn(" ", text)
+        if not n:
+            break
+    for _ in range(8):
+        text, n = _LINK.subn(r"\1", text)
+        text, m = _FILE_LINK.subn(" ", text)
+        if not n + m:
+            break
     text = _EXTERNAL.sub(r"\1", text)
+    text = re.sub(r"[ \t]+([.,;:])", r"\1", text)
     lines = [line for line in text.replace("'''", "").replace("''", "").splitlines()
              if line.strip() and not line.lstrip().startswith(("=", "*", "#", ":", ";", "|", "!",
                                                                "{", "}"))]
@@ -246,7 +250,8 @@ def documentation() -> Corpus:
     seen: dict[str, None] = {}
     for text in _topics():
         for sentence in _prose(text):
-            seen.setdefault(sentence)
+            if sentence[0].isupper() and _keep(sentence):
+                seen.setdefault(sentence)
     import platform
 
     return Corpus("Python documentation sentences", tuple(seen),
