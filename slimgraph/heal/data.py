@@ -132,13 +132,17 @@ def training_data(loaded: Any, train: str | Path | None = None) -> TrainingData:
 def sequence_trimmable(model: Any) -> bool:
     """Whether heal may cut text batches to their longest text: the graph takes an
     ``attention_mask``, every input is [batch, sequence] with a symbolic sequence axis, and no
-    output is of rank above 2 (none carries the sequence axis)."""
+    output carries the sequence axis (every output is [batch] or [batch, features], its features
+    not the inputs' sequence dimension)."""
     if model is None:
         return False
     inputs = list(model.graph.inputs)
     if "attention_mask" not in {v.name for v in inputs}:
         return False
+    sequences = set()
     for value in inputs:
         if value.shape is None or len(value.shape) != 2 or isinstance(value.shape[1], int):
             return False
-    return all(v.shape is not None and len(v.shape) <= 2 for v in model.graph.outputs)
+        sequences.add(str(value.shape[1]))
+    return all(v.shape is not None and len(v.shape) <= 2
+               and not any(str(d) in sequences for d in v.shape[1:]) for v in model.graph.outputs)

@@ -175,3 +175,35 @@ def test_empty_text_file_is_refused(small_folders, tmp_path, capsys):
 def test_text_options_need_a_folder(tmp_path, capsys):
     assert main(["export", "digits-cnn", "--task", "fill-mask", "-o", str(tmp_path / "o")]) == 2
     assert "apply to a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_heal_on_a_folder_cuts_batches_to_their_longest_text_without_changing_outputs(small_folders):
+    """A classifier's logits carry no sequence axis: heal may cut each batch to its longest text.
+    The cut graph computes what the padded one does, and heal trains on general English."""
+    import slimgraph
+    from slimgraph.heal.data import sequence_trimmable, training_data
+    from slimgraph.heal.module import GraphModule
+    from slimgraph.heal.train import text_lengths, trimmed
+    from slimgraph.passes import Pipeline
+
+    loaded = slimgraph.load(str(small_folders["text-classification"]))
+    assert sequence_trimmable(loaded.model)
+    token_level = slimgraph.load(str(small_folders["token-classification"]))
+    assert not sequence_trimmable(token_level.model)  # [N, L, labels]: no cut
+    feed = _tokens(small_folders["text-classification"], SENTENCES)  # padded to 64
+    cut = trimmed(feed, text_lengths(feed))
+    assert cut["input_ids"].shape[1] < 20
+    module = GraphModule(loaded.model)
+    with torch.no_grad():
+        full = module(**{k: torch.from_numpy(v) for k, v in feed.items()})[0].numpy()
+        short = module(**{k: torch.from_numpy(v) for k, v in cut.items()})[0].numpy()
+    np.testing.assert_allclose(short, full, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loaded.reference(cut)[0], loaded.reference(feed)[0], atol=1e-5, rtol=0)
+
+    data = training_data(loaded)
+    assert "WordNet" in data.source or "documentation" in data.source
+    pipeline = Pipeline.parse("heal:steps=4,batch=8")
+    pipeline.bind_training(data)
+    _, (report,) = pipeline.run(loaded.model.clone())
+    assert any("cut to their longest text" in note for note in report.notes), report.notes
+    assert report.timing["outside_training"] >= 0 and report.timing["samples_per_s"] > 0
