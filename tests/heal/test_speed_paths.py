@@ -13,9 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.heal.data import TrainingData, sequence_trimmable
 from slimgraph.heal.module import GraphModule
-from slimgraph.heal.train import (POOL, TrainConfig, batches, text_lengths, train, trimmed,
-                                  used_indices)
-from slimgraph.passes import Pipeline
+from slimgraph.heal.train import POOL, TrainConfig, batches, text_lengths, train, trimmed, used_indices
 from slimgraph.passes import heal as heal_pass
 
 
