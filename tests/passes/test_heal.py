@@ -70,6 +70,32 @@ def test_heal_makes_binary_weights_usable(tmp_path: Path) -> None:
     assert healed_model["ops"] == plain_model["ops"]
 
 
+def test_bf16_heal_trains_under_autocast_and_keeps_every_format(tmp_path: Path) -> None:
+    """bf16 autocast moves the arithmetic, not the formats: the int4 weights, their scales' type
+    and the graph's ops are what the fp32 heal writes; the pruned accuracy still comes back."""
+    int4 = "fold-constants,quantize:int4,block=32"
+    plain = _export(tmp_path, "int4", int4)
+    healed = _export(tmp_path, "bf16", int4 + ",heal:steps=60,precision=bf16")
+    fp32 = _export(tmp_path, "fp32", int4 + ",heal:steps=60,precision=fp32")
+    for result in (healed, fp32):
+        assert result.manifest["model"]["after"]["ops"] == plain.manifest["model"]["after"]["ops"]
+        assert result.manifest["model"]["after"]["weight_bytes"] == \
+            plain.manifest["model"]["after"]["weight_bytes"]
+    types = {}
+    for name, result in (("plain", plain), ("bf16", healed)):
+        graph = onnx.load(result.out / "model.onnx").graph
+        types[name] = {t.name: t.data_type for t in graph.initializer}
+    assert types["bf16"] == types["plain"]
+    report = _heal_report(healed)
+    assert any(n.startswith("precision bf16 (asked)") for n in report["notes"])
+    assert _accuracy(healed.out / "model.onnx") >= _accuracy(plain.out / "model.onnx")
+    pruned = "fold-constants,prune-channels:ratio=0.5"
+    before = _accuracy(_export(tmp_path, "pruned", pruned).out / "model.onnx")
+    after = _accuracy(_export(tmp_path, "pruned-bf16", pruned + ",heal:steps=200,precision=bf16")
+                      .out / "model.onnx")
+    assert after >= before + 0.03 and after >= 0.97, (before, after)
+
+
 def test_heal_is_deterministic(tmp_path: Path) -> None:
     spec = "fold-constants,prune-channels:ratio=0.5,heal:steps=30"
     a, b = _export(tmp_path, "a", spec), _export(tmp_path, "b", spec)
@@ -91,7 +117,8 @@ def test_heal_that_hurts_is_undone(tmp_path: Path) -> None:
 
 def test_heal_options_are_checked() -> None:
     for spec, word in [("heal:loss=hinge", "loss"), ("heal:steps=0", "steps"),
-                       ("heal:alpha=2", "alpha"), ("heal:device=tpu", "device")]:
+                       ("heal:alpha=2", "alpha"), ("heal:device=tpu", "device"),
+                       ("heal:precision=fp16", "precision")]:
         with pytest.raises(PipelineSpecError, match=word):
             Pipeline.parse(spec)
     assert Pipeline.parse("heal:steps=5,lr=0.01").spec() == "heal:steps=5,lr=0.01"
