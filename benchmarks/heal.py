@@ -144,6 +144,13 @@ def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
 
+def _steps(row: dict) -> tuple[int, float]:
+    """Steps and training seconds per step of a row's heal (batch 32 unless the spec says)."""
+    options = dict(o.split("=") for o in row["heal"].split(":", 1)[1].split(",") if "=" in o)
+    batch = int(options.get("batch", 32)) * int(options.get("workers", 1))
+    return int(options.get("steps", 300)), batch / row["samples_per_s"]
+
+
 def _markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -151,14 +158,17 @@ def _markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {results['versions'].get('torch')}, "
         f"onnxruntime {results['versions'].get('onnxruntime')}. Scores are on data heal never "
         "trained on; `float` is the unmodified model. Reproduce: `python benchmarks/heal.py`.", "",
-        "| row | model | passes | heal | float | before heal | after heal | heal time | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | model | passes | heal | float | before heal | after heal | heal time | samples/s "
+        "| steps x s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results["rows"], key=int):
         r = results["rows"][key]
+        steps, per_step = _steps(r)
         lines.append(f"| {key} | {r['model']} | `{r['passes']}` | `{r['heal']}` | {_fmt(r['float'])} | "
                      f"{_fmt(r['before'])} | {_fmt(r['after'])} | {r['heal_seconds']} s | "
-                     f"{r['samples_per_s']:.0f} |")
+                     f"{r['samples_per_s']:.0f} | {steps} x {per_step:.3f} s = "
+                     f"{steps * per_step / 60:.1f} min |")
     lines += [""]
     for key in sorted(results["rows"], key=int):
         r = results["rows"][key]
