@@ -183,24 +183,25 @@ def _wiki_plain(markup: str) -> str:
     return "\n".join(lines)
 
 
+def _gensim_corpus(name: str, sentences: Iterator[str], licence: str) -> Corpus | None:
+    seen = dict.fromkeys(sentences)  # deduplicated, in order
+    if not seen:
+        return None
+    origin, package_licence = _origin("gensim")
+    return Corpus(name, tuple(seen), f"{origin} test data", f"{licence}; package {package_licence}")
+
+
 def wikipedia() -> Corpus | None:
     """Sentences of the Wikipedia articles (2016 dump, shortened) in gensim's test data."""
     data = _gensim_data()
     if data is None:
         return None
     raw = _read(data / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-    seen: dict[str, None] = {}
-    for article in _TEXT.findall(raw.decode("utf-8", "replace")):
-        if article.lstrip().upper().startswith("#REDIRECT"):
-            continue
-        for paragraph in _wiki_plain(article).splitlines():
-            for sentence in _sentences(paragraph):
-                seen.setdefault(sentence)
-    if not seen:
-        return None
-    origin, licence = _origin("gensim")
-    return Corpus("Wikipedia sentences", tuple(seen), f"{origin} test data",
-                  f"article text CC BY-SA 3.0; package {licence}")
+    articles = [a for a in _TEXT.findall(raw.decode("utf-8", "replace"))
+                if not a.lstrip().upper().startswith("#REDIRECT")]
+    return _gensim_corpus("Wikipedia sentences", (
+        sentence for article in articles for paragraph in _wiki_plain(article).splitlines()
+        for sentence in _sentences(paragraph)), "article text CC BY-SA 3.0")
 
 
 def news() -> Corpus | None:
@@ -208,20 +209,21 @@ def news() -> Corpus | None:
     data = _gensim_data()
     if data is None:
         return None
-    seen: dict[str, None] = {}
-    for name in ("lee_background.cor", "lee.cor"):
-        for line in _read(data / name).decode("utf-8", "replace").splitlines():
-            for sentence in _sentences(line):
-                seen.setdefault(sentence)
-    if not seen:
-        return None
-    origin, licence = _origin("gensim")
-    return Corpus("news sentences (Lee et al. 2005, ABC news)", tuple(seen), f"{origin} test data",
-                  f"research corpus; package {licence}")
+    lines = [line for name in ("lee_background.cor", "lee.cor")
+             for line in _read(data / name).decode("utf-8", "replace").splitlines()]
+    return _gensim_corpus("news sentences (Lee et al. 2005, ABC news)",
+                          (s for line in lines for s in _sentences(line)), "research corpus")
 
 
 _DETOKENISE = [(re.compile(r" ([,.!?;:%)])"), r"\1"), (re.compile(r"\( "), "("),
                (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"), r"\1")]
+
+
+def _review_sentence(line: str) -> str:
+    text = re.sub(r"^__label__\w+\s+", "", line).strip()
+    for pattern, repl in _DETOKENISE:
+        text = pattern.sub(repl, text)
+    return _as_sentence(text)
 
 
 def reviews() -> Corpus | None:
@@ -229,19 +231,9 @@ def reviews() -> Corpus | None:
     data = _gensim_data()
     if data is None:
         return None
-    seen: dict[str, None] = {}
-    for line in _read(data / "pang_lee_polarity.cor").decode("utf-8", "replace").splitlines():
-        text = re.sub(r"^__label__\w+\s+", "", line).strip()
-        for pattern, repl in _DETOKENISE:
-            text = pattern.sub(repl, text)
-        sentence = _as_sentence(text)
-        if _keep(sentence):
-            seen.setdefault(sentence)
-    if not seen:
-        return None
-    origin, licence = _origin("gensim")
-    return Corpus("movie-review sentences (Pang and Lee 2005)", tuple(seen), f"{origin} test data",
-                  f"research corpus; package {licence}")
+    lines = _read(data / "pang_lee_polarity.cor").decode("utf-8", "replace").splitlines()
+    return _gensim_corpus("movie-review sentences (Pang and Lee 2005)",
+                          (s for s in map(_review_sentence, lines) if _keep(s)), "research corpus")
 
 
 def documentation() -> Corpus:
