@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("auto", "kd", "mse", "cosine")
-PRECISIONS = ("fp32", "bf16")
 POOL = 16  # batches per length-sorted pool
 BINARY_LR_SCALE = 10.0  # latent binary weights live on [-1, 1]: a larger step flips signs in time
 
