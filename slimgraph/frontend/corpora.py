@@ -236,16 +236,33 @@ def reviews() -> Corpus | None:
                           (s for s in map(_review_sentence, lines) if _keep(s)), "research corpus")
 
 
+_CODE = re.compile(r"[{}\[\]=<>|`\\#$@^~]|::|\.\w+\(|\w_\w|---")  # --- : numpydoc headings
+
+
+def _prose(text: str) -> Iterator[str]:
+    """Sentences of documentation text: paragraphs with examples skipped, code-like ones too."""
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in paragraph.splitlines()]
+        if any(line.startswith((">>>", "...", "$ ")) for line in lines):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", " ".join(lines)):
+            words = sentence.split()
+            letters = sum(c.isalpha() or c == " " for c in sentence)
+            if 6 <= len(words) <= 48 and sentence[-1] in ".!?" and not _CODE.search(sentence) \
+                    and letters >= 0.85 * len(sentence):
+                yield sentence
+
+
 def documentation() -> Corpus:
-    from slimgraph.frontend.text import _prose, _topics
+    """Prose sentences of the Python documentation topics behind ``help()`` (``pydoc_data``)."""
+    import platform
+    import pydoc_data.topics as topics
 
     seen: dict[str, None] = {}
-    for text in _topics():
-        for sentence in _prose(text):
+    for key in sorted(topics.topics):
+        for sentence in _prose(topics.topics[key]):
             if sentence[0].isupper() and _keep(sentence):
                 seen.setdefault(sentence)
-    import platform
-
     return Corpus("Python documentation sentences", tuple(seen),
                   f"pydoc_data of CPython {platform.python_version()}", "PSF-2.0")
 

@@ -1,15 +1,11 @@
-"""English sentences that install with Python itself (no download), for text calibration and for
-distilling sentence encoders: the documentation topics behind ``help()`` and the docstrings of the
-standard library's own source files (read with ``ast``, never imported)."""
+"""Text for text models: the project's everyday English sentences (calibration and verification),
+text files read one text per line, and a stable hash split. Heal's general English training text
+is in ``corpora``."""
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
-import re
-import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 # Everyday English sentences (written for this project) for calibrating and verifying text models
@@ -96,92 +92,6 @@ def read_texts(path: str | Path, what: str) -> list[str]:
     if not texts:
         raise InputSpecError(f"{path}: the {what} text file holds no text (one text per line)")
     return texts
-
-
-_CODE = re.compile(r"[{}\[\]=<>|`\\#$@^~]|::|\.\w+\(|\w_\w|---")  # --- : numpydoc headings
-_SKIPPED_PACKAGES = ("test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo")
-
-
-# Installed packages whose docstrings add English prose (each where installed; the torch extra
-# brings them all): about 32,000 sentences beside the standard library's 9,000.
-DOC_PACKAGES = ("numpy", "scipy", "sklearn", "torch", "transformers", "networkx", "skimage")
-
-
-@functools.cache
-def documentation_sentences() -> tuple[str, ...]:
-    """Prose sentences of the Python documentation topics (``pydoc_data.topics``), the standard
-    library's docstrings and those of ``DOC_PACKAGES``, deduplicated, in a fixed order."""
-    seen: dict[str, None] = {}  # insertion-ordered set
-    for text in (*_topics(), *_stdlib_docstrings(), *_package_docstrings()):
-        for sentence in _prose(text):
-            seen.setdefault(sentence)
-    return tuple(seen)
-
-
-def documentation_source() -> str:
-    """Where ``documentation_sentences`` come from, with the package versions read."""
-    import importlib.metadata
-
-    versions = []
-    for name in DOC_PACKAGES:
-        dist = {"sklearn": "scikit-learn", "skimage": "scikit-image"}.get(name, name)
-        try:
-            versions.append(f"{name} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return ("English sentences of the Python documentation and the docstrings of the standard "
-            f"library and of {', '.join(versions)}")
-
-
-def _topics() -> Iterator[str]:
-    import pydoc_data.topics as topics
-
-    for key in sorted(topics.topics):
-        yield topics.topics[key]
-
-
-def _stdlib_docstrings() -> Iterator[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    yield from _docstrings(root, _SKIPPED_PACKAGES)
-
-
-def _package_docstrings() -> Iterator[str]:
-    import importlib.util
-
-    for name in DOC_PACKAGES:
-        spec = importlib.util.find_spec(name)  # finds without importing the package
-        if spec is not None and spec.submodule_search_locations:
-            yield from _docstrings(Path(next(iter(spec.submodule_search_locations))), ("tests", "test"))
-
-
-def _docstrings(root: Path, skipped: Sequence[str]) -> Iterator[str]:
-    """Module, class and function docstrings of the .py files under ``root``, read with ast."""
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if parts[0] in skipped or "tests" in parts or path.name.startswith("_"):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    yield doc
-
-
-def _prose(text: str) -> Iterator[str]:
-    for paragraph in re.split(r"\n\s*\n", text):
-        lines = [line.strip() for line in paragraph.splitlines()]
-        if any(line.startswith((">>>", "...", "$ ")) for line in lines):
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", " ".join(lines)):
-            words = sentence.split()
-            letters = sum(c.isalpha() or c == " " for c in sentence)
-            if 6 <= len(words) <= 48 and sentence[-1] in ".!?" and not _CODE.search(sentence) \
-                    and letters >= 0.85 * len(sentence):
-                yield sentence
 
 
 def split_sentences(sentences: Sequence[str], held_out_every: int = 6) -> tuple[list[str], list[str]]:
