@@ -266,6 +266,7 @@ def _report_json(report) -> dict[str, Any]:
     data = report.to_json()
     data.pop("seconds", None)  # timings vary run to run; the manifest must not
     data.pop("timing", None)
+    data.pop("curve", None)
     return data
 
 

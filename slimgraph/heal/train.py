@@ -42,6 +42,7 @@ class TrainConfig:
     hidden: float = 0.0  # weight of the layer-output loss (needs a teacher module with taps)
     precision: str = "fp32"  # "bf16": autocast forward and loss
     trim: bool = False  # cut text batches to their longest text (needs attention_mask [N, L])
+    eval_every: int = 0  # score the held-out set every this many steps (0: never)
 
 
 @dataclasses.dataclass
@@ -51,7 +52,9 @@ class TrainStats:
     samples: int  # samples seen, all workers together
     first_loss: float
     last_loss: float  # mean of the last 10% of steps
-    seconds: float
+    seconds: float  # training only: held-out evaluations are not counted
+    curve: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    # (steps done, training seconds so far, held-out score) every eval_every steps and at the end
 
     @property
     def samples_per_s(self) -> float:
@@ -154,11 +157,14 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.nd
           labels: np.ndarray | None, config: TrainConfig, loss: str, *,
           groups: dict[str, list[torch.nn.Parameter]], rank: int = 0, world: int = 1,
           on_step: Callable[[int, float, float], None] | None = None,
-          teacher_module: torch.nn.Module | None = None) -> TrainStats:
+          teacher_module: torch.nn.Module | None = None,
+          evaluate: Callable[[torch.nn.Module], float] | None = None) -> TrainStats:
     """Distil ``module`` (or its DDP wrapper) toward ``teacher`` outputs; returns the loss curve's
     ends. ``groups`` are the parameter groups (binary latents get BINARY_LR_SCALE x the rate).
     With ``config.hidden`` > 0 both modules also return matched layer outputs (their taps), and
-    ``teacher_module`` computes the teacher's on the fly."""
+    ``teacher_module`` computes the teacher's on the fly. With ``config.eval_every`` and
+    ``evaluate`` (module in eval mode -> held-out score), the score is taken every that many steps
+    and after the last; its time is left out of the training seconds."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     param_groups = [{"params": groups["weights"], "lr": config.lr}]
@@ -173,7 +179,9 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.nd
     lengths = text_lengths(inputs) if config.trim else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     losses: list[float] = []
+    curve: list[tuple[int, float, float]] = []
     samples = 0
+    evaluating = 0.0  # seconds spent on held-out scores
     start = time.perf_counter()
     module.train()
     for step, idx in enumerate(batches(n, config.batch, config.steps, config.seed, rank, world,
@@ -202,9 +210,20 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.nd
         losses.append(float(value.detach()))
         samples += len(idx) * world
         if on_step is not None:
-            on_step(step, losses[-1], samples / max(time.perf_counter() - start, 1e-9))
+            on_step(step, losses[-1], samples / max(time.perf_counter() - start - evaluating, 1e-9))
+        done = step + 1
+        if evaluate is not None and config.eval_every and (done % config.eval_every == 0
+                                                           or done == config.steps):
+            paused = time.perf_counter()
+            module.eval()
+            with torch.no_grad(), autocast:
+                held_out = evaluate(graph_module)
+            module.train()
+            curve.append((done, paused - start - evaluating, held_out))
+            evaluating += time.perf_counter() - paused
     module.eval()
     graph_module.mask_in_forward = True
     tail = losses[-max(1, len(losses) // 10):]
     return TrainStats(config.steps, world, samples, losses[0] if losses else 0.0,
-                      float(np.mean(tail)) if tail else 0.0, time.perf_counter() - start)
+                      float(np.mean(tail)) if tail else 0.0,
+                      time.perf_counter() - start - evaluating, curve)

@@ -44,7 +44,9 @@ class HealWeightsPass(SlimgraphPass):
     ``precision``: ``bf16`` trains under bf16 autocast (weights, optimizer state, fake-quant and
     the written-back graph keep their formats); ``auto`` picks it on CUDA devices with bf16 and on
     CPUs with AMX or AVX-512 BF16, fp32 elsewhere. Text batches are cut to their longest text
-    where the graph's sequence axis is symbolic and no output has one.
+    where the graph's sequence axis is symbolic and no output has one. ``eval_every=K`` scores the
+    student (the torch module) on the held-out data every K steps and after the last: the curve
+    of score against steps goes to the report's notes, its training seconds to ``report.curve``.
     """
 
     name = "heal"
@@ -68,6 +70,7 @@ class HealWeightsPass(SlimgraphPass):
         learn_scales: bool = False,
         hidden: float = 0.0,
         precision: str = "auto",
+        eval_every: int = 0,
     ) -> None:
         from slimgraph.heal.train import LOSSES
 
@@ -93,10 +96,15 @@ class HealWeightsPass(SlimgraphPass):
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        if eval_every < 0:
+            raise ValueError(f"eval_every is a number of steps, >= 0 (0: never), got {eval_every}")
+        if eval_every and workers > 1:
+            raise ValueError("eval_every scores the model of one process: use it with workers=1")
         self.steps, self.lr, self.batch = steps, lr, batch
         self.temperature, self.alpha, self.loss = temperature, alpha, loss
         self.workers, self.device, self.seed = workers, device, seed
         self.learn_scales, self.hidden, self.precision = learn_scales, hidden, precision
+        self.eval_every = eval_every
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -122,7 +130,8 @@ class HealWeightsPass(SlimgraphPass):
         precision, why = resolve_precision(self.precision, device)
         trim = sequence_trimmable(model) and sequence_trimmable(data.teacher_model)
         config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
-                             self.loss, self.seed, device, self.hidden, precision, trim)
+                             self.loss, self.seed, device, self.hidden, precision, trim,
+                             self.eval_every)
         teacher_module = None
         if self.hidden > 0:
             taps = layer_taps(model, data.teacher_model)
@@ -153,7 +162,8 @@ class HealWeightsPass(SlimgraphPass):
             with _progress(self.steps, self.on_progress) as on_step:
                 stats = train(module, data.inputs, teacher, labels, config, loss,
                               groups=module.parameter_groups(), on_step=on_step,
-                              teacher_module=teacher_module)
+                              teacher_module=teacher_module,
+                              evaluate=_held_out_scorer(data, trim, device))
         module.to("cpu")
         changed = module.write_back()
         after = score(model, data)
@@ -164,6 +174,12 @@ class HealWeightsPass(SlimgraphPass):
         self.report.timing = {"training": round(stats.seconds, 2),
                               "outside_training": round(total - stats.seconds, 2),
                               "samples_per_s": round(stats.samples_per_s, 1)}
+        if stats.curve:
+            self.report.curve = [{"step": step, "training_seconds": round(seconds, 2),
+                                  "score": round(value, 4)} for step, seconds, value in stats.curve]
+            self.report.notes.append(f"held-out {after.metric} of the torch module by step: "
+                                     + ", ".join(f"{step} {value:.4f}"
+                                                 for step, _, value in stats.curve))
         self.report.notes.append(f"precision {precision} ({why}); batches "
                                  + ("cut to their longest text, grouped by length" if trim else
                                     "at the inputs' full length"))
@@ -226,7 +242,32 @@ def score(model: ir.Model, data: Any) -> Score:
     from slimgraph.passes.quantize.calibrate import inputs_of, serialize
 
     session = session_for(serialize(model), {"allow_spinning": False})
-    outputs = [session.run(None, inputs_of(session, feed))[0] for feed in data.held_out]
+    return score_outputs([session.run(None, inputs_of(session, feed))[0] for feed in data.held_out],
+                         data)
+
+
+def _held_out_scorer(data: Any, trim: bool, device: str):
+    """module -> its held-out score (see score_outputs), run in torch on the held-out batches."""
+    import torch
+
+    from slimgraph.heal.train import text_lengths, trimmed
+
+    def evaluate(module: Any) -> float:
+        outputs = []
+        for feed in data.held_out:
+            lengths = text_lengths(feed) if trim else None
+            if lengths is not None:
+                feed = trimmed(feed, lengths)
+            out = module(**{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in feed.items()})
+            outputs.append(out[0].float().cpu().numpy())
+        return score_outputs(outputs, data).value
+
+    return evaluate
+
+
+def score_outputs(outputs: list[np.ndarray], data: Any) -> Score:
+    """Held-out first outputs scored: accuracy where the task is classification with labels,
+    else the mean cosine to the teacher's outputs on the same batches."""
     samples = sum(len(o) for o in outputs)
     if data.task == "classification" and data.held_out_labels:
         hits = sum(int((o.argmax(-1) == y).sum()) for o, y in zip(outputs, data.held_out_labels,

@@ -43,6 +43,8 @@ class PassReport:
     weight_bytes_after: int = 0
     seconds: float = 0.0
     timing: dict[str, float] = dataclasses.field(default_factory=dict)  # kept out of the manifest
+    curve: list[dict[str, float]] = dataclasses.field(default_factory=list)  # heal: score by step;
+    # has seconds: kept out of the manifest (the steps and scores are in the notes)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:

@@ -105,6 +105,19 @@ def test_heal_is_deterministic(tmp_path: Path) -> None:
     assert (a.out / "model.onnx").read_bytes() != (c.out / "model.onnx").read_bytes()
 
 
+def test_eval_every_records_the_curve_without_changing_the_training(tmp_path: Path) -> None:
+    spec = "fold-constants,prune-channels:ratio=0.5,heal:steps=30"
+    plain, curved = _export(tmp_path, "a", spec), _export(tmp_path, "b", spec + ",eval_every=12")
+    assert (plain.out / "model.onnx").read_bytes() == (curved.out / "model.onnx").read_bytes()
+    note = next(n for n in _heal_report(curved)["notes"] if n.startswith("held-out accuracy"))
+    points = [p.split() for p in note.split(": ", 1)[1].split(", ")]
+    assert [int(step) for step, _ in points] == [12, 24, 30]
+    # the torch module's last score is the exported graph's accuracy, computed here by onnxruntime
+    assert float(points[-1][1]) == pytest.approx(_accuracy(curved.out / "model.onnx"), abs=0.003)
+    assert "curve" not in json.dumps(curved.manifest)  # its seconds vary run to run
+    assert not any(n.startswith("held-out") for n in _heal_report(plain)["notes"])
+
+
 def test_heal_that_hurts_is_undone(tmp_path: Path) -> None:
     plain = _export(tmp_path, "plain", "fold-constants")
     ruined = _export(tmp_path, "ruined", "fold-constants,heal:steps=20,lr=5.0")
@@ -118,7 +131,8 @@ def test_heal_that_hurts_is_undone(tmp_path: Path) -> None:
 def test_heal_options_are_checked() -> None:
     for spec, word in [("heal:loss=hinge", "loss"), ("heal:steps=0", "steps"),
                        ("heal:alpha=2", "alpha"), ("heal:device=tpu", "device"),
-                       ("heal:precision=fp16", "precision")]:
+                       ("heal:precision=fp16", "precision"), ("heal:eval_every=-1", "eval_every"),
+                       ("heal:eval_every=5,workers=2", "eval_every")]:
         with pytest.raises(PipelineSpecError, match=word):
             Pipeline.parse(spec)
     assert Pipeline.parse("heal:steps=5,lr=0.01").spec() == "heal:steps=5,lr=0.01"
