@@ -9,6 +9,7 @@ import tomllib
 import pytest
 
 import slimgraph.advise as adv
+import slimgraph.advise.host as host_module
 from slimgraph.advise import CATALOGUE, Choice, Device, choices_for, layer_bounds, rank
 from slimgraph.cli import main
 from slimgraph.errors import CatalogueError
@@ -92,19 +93,19 @@ def test_user_devices_add_and_replace(tmp_path):
 
 def test_host_detection_picks_the_family_its_flags_match(monkeypatch):
     families = {f["name"]: f for f in tomllib.loads(CATALOGUE.read_text())["cpu_family"]}
-    monkeypatch.setattr(adv, "measure_bandwidth", lambda threads: 42.0)
-    monkeypatch.setattr(adv.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(host_module, "measure_bandwidth", lambda threads: 42.0)
+    monkeypatch.setattr(host_module.os, "cpu_count", lambda: 2)
     zen4 = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}
-    monkeypatch.setattr(adv, "cpu_flags", lambda: ("AuthenticAMD", zen4, {"l2": 2**20, "l3": 2**25}))
+    monkeypatch.setattr(host_module, "cpu_flags", lambda: ("AuthenticAMD", zen4, {"l2": 2**20, "l3": 2**25}))
     host = adv.host_device(families)
     assert "amd-zen4" in host.source and host.memory_gbps == 42.0 and host.here
     assert host.tops["fp32"] == pytest.approx(2 * 4.4 * 32 / 1e3)
     assert host.caches == [(2 * 2**20, 2 * 64 * 4.4), (2**25, 2 * 32 * 4.4)]
-    monkeypatch.setattr(adv, "cpu_flags", lambda: ("AuthenticAMD", zen4 | {"avx_vnni"}, {}))
+    monkeypatch.setattr(host_module, "cpu_flags", lambda: ("AuthenticAMD", zen4 | {"avx_vnni"}, {}))
     assert "amd-zen5" in adv.host_device(families).source
-    monkeypatch.setattr(adv, "cpu_flags", lambda: ("GenuineIntel", {"avx2", "fma"}, {}))
+    monkeypatch.setattr(host_module, "cpu_flags", lambda: ("GenuineIntel", {"avx2", "fma"}, {}))
     assert "x86-avx2" in adv.host_device(families).source
-    monkeypatch.setattr(adv, "cpu_flags", lambda: ("", {"neon"}, {}))
+    monkeypatch.setattr(host_module, "cpu_flags", lambda: ("", {"neon"}, {}))
     assert adv.host_device(families) is None
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import make_tiny_cnn
 
 import slimgraph.advise as adv
+import slimgraph.advise.host as host_module
 from slimgraph.cli import main
 from slimgraph.errors import CatalogueError
 
@@ -155,7 +156,7 @@ FILE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 @pytest.fixture(autouse=True)
 def _no_bandwidth_run(monkeypatch):
     """The host's measured bandwidth is not what these tests are about: skip the seconds it takes."""
-    monkeypatch.setattr(adv, "measure_bandwidth", lambda threads: 20.0)
+    monkeypatch.setattr(host_module, "measure_bandwidth", lambda threads: 20.0)
 
 
 @pytest.fixture(scope="module")
