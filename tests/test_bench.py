@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from slimgraph.bench import FP32, Row, _ratios_and_flags, bench, variant_pipeline
+from slimgraph.bench import FP32, Row, bench, variant_pipeline
+from slimgraph.bench.results import _ratios_and_flags
 from slimgraph.bench.timing import Latency, interleaved
 from slimgraph.cli import main
 from slimgraph.errors import PipelineSpecError

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from slimgraph.bench import BenchResult, Row
+    from slimgraph.bench.results import BenchResult, Row
 
 
 def _f(value: float | None, fmt: str) -> str:

@@ -6,57 +6,11 @@ package needs neither torch nor transformers.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from slimgraph.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    import torch
-
-
-@dataclasses.dataclass
-class EvalData:
-    """Held-out inputs in batches, with int64 class labels per batch where the task has them."""
-
-    feeds: list[dict[str, np.ndarray]]
-    labels: list[np.ndarray] | None
-
-
-@dataclasses.dataclass
-class TrainSplit:
-    """Training inputs (sample axis 0) with int64 labels where the task has them, for heal.
-
-    ``held_out`` overrides the model's evaluation data as heal's held-out set (never trained on).
-    """
-
-    inputs: dict[str, np.ndarray]
-    labels: np.ndarray | None
-    source: str
-    held_out: list[dict[str, np.ndarray]] | None = None
-    held_out_labels: list[np.ndarray] | None = None
-
-
-@dataclasses.dataclass
-class BuiltinModel:
-    """A ready-to-export float32 module in eval mode and the data that goes with it."""
-
-    name: str
-    description: str
-    module: torch.nn.Module
-    example_inputs: tuple[torch.Tensor, ...]  # batch >= 2, so a dynamic batch dim exports cleanly
-    input_names: list[str]
-    output_names: list[str]
-    calibration: Callable[[int], list[dict[str, np.ndarray]]]  # n feeds of batch 1
-    evaluation: Callable[[], EvalData]
-    task: str  # "classification" (top-1 is meaningful), "embedding" or "regression"
-    training: Callable[[], TrainSplit] | None = None  # what heal trains on
-    max_sequence: int | None = None  # set: dim 1 of the inputs is dynamic up to this length
-    folder_task: str | None = None  # a Hugging Face folder's task (hf_folder.TASKS)
+from slimgraph.frontend.builtin.builtin_model import BuiltinModel, EvalData, TrainSplit
 
 
 def _factory(module_name: str, function: str = "build") -> Callable[[], BuiltinModel]:
@@ -106,3 +60,6 @@ def get_builtin(name: str) -> BuiltinModel:
             f"unknown built-in model {name!r}; valid names: {', '.join(builtin_names())}"
         )
     return BUILTINS[name][1]()
+
+
+__all__ = ["BUILTINS", "BuiltinModel", "EvalData", "TrainSplit", "builtin_names", "get_builtin"]
