@@ -23,7 +23,8 @@ from slimgraph.calibration import Calibration
 from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.passes import Pipeline
-from slimgraph.passes.quantize import _dtypes, quantizable_layers, weight_axis
+from slimgraph.passes.quantize import quantizable_layers, weight_axis
+from slimgraph.passes.quantize.insert_qdq import _dtypes
 from slimgraph.passes.quantize.layers import layer_ids
 
 RESULTS = Path(__file__).parent / "results"

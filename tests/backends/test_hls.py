@@ -331,10 +331,11 @@ def test_agreement_with_onnxruntime_is_enforced(mixed_int8: ir.Model, tmp_path: 
     feeds = [{"x": _images(4, 12)}]
     built = HLS.build(mixed_int8, tmp_path / "b", {"agreement": 1.0}, feeds=feeds)
     assert built.details["csim"]["vs_onnxruntime"]["fraction_within_one_step"] >= 0.999
-    import slimgraph.backends.hls as hls  # values two steps off onnxruntime must fail the export
+    # values two steps off onnxruntime must fail the export
+    import slimgraph.backends.hls.csim_check as csim_check
 
-    counts = hls._agreement
-    monkeypatch.setattr(hls, "_agreement", lambda pairs: counts((m + 2, t) for m, t in pairs))
+    counts = csim_check._agreement
+    monkeypatch.setattr(csim_check, "_agreement", lambda pairs: counts((m + 2, t) for m, t in pairs))
     with pytest.raises(BackendError, match="within one step of onnxruntime"):
         HLS.build(mixed_int8, tmp_path / "a", {"agreement": 0.999}, feeds=feeds)
 

@@ -56,6 +56,7 @@ OUT_OF_RANGE: dict[tuple[str, str], list[str]] = {
     ("heal", "workers"): ["0"],
     ("heal", "seed"): [str(2**64), str(-(2**63) - 1)],
     ("heal", "hidden"): ["-1"],
+    ("heal", "eval_every"): ["-1"],
     ("sparsify", "sparsity"): ["0", "1", "-0.5", "2"],
     ("share-weights", "bits"): ["0", "9"],
     ("share-weights", "iterations"): ["0"],
