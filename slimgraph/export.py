@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from slimgraph import model_stats
 from slimgraph.artifact import MANIFEST, check_output_path, file_hashes, pack_model, staged_dir, write_json
-from slimgraph.backends import BuiltArtifact, parse_backend_spec
+from slimgraph.backends import Backend, BuiltArtifact, parse_backend_spec
 from slimgraph.backends.ort import MODEL_FILE
 from slimgraph.calibration import Calibration
 from slimgraph.errors import SlimgraphError, VerificationError
@@ -95,7 +95,68 @@ def export(
     out = Path(out)
     pipeline = Pipeline.coerce(passes)
     built_specs = [parse_backend_spec(s) for s in backends]
-    for backend, _ in built_specs:
+    _check_backends_usable(built_specs, build_only)
+    if not isinstance(model, LoadedModel):  # a bad data file fails before the model loads
+        calibration = Calibration.coerce(calibration)
+    # Checked up front too, so a long export does not run only to be refused at the end.
+    check_output_path(out, force=force, kind="output directory")
+
+    with _timed(timings, "load", stage):
+        loaded = model if isinstance(model, LoadedModel) else load(
+            model, inputs=inputs, calibration=calibration, task=task, texts=texts
+        )
+    # Passes work in place; a clone keeps a caller's LoadedModel reusable (bench runs many variants
+    # from one load). Tensors are shared, not copied: passes replace them, never write into them.
+    ir_model = loaded.model.clone()
+    before = _model_facts(ir_model)
+    with _timed(timings, "passes", stage):
+        ir_model, reports, rank = _run_passes(loaded, ir_model, pipeline, train, stage, on_progress)
+    if rank != 0:  # one rank of a torchrun job that healed together: rank 0 writes the artifact
+        return ExportResult(out, {}, [], timings, rank=rank)
+    stage("check")
+    _check_graph(ir_model, pipeline)
+
+    backends_done = _BackendsDone()
+    with staged_dir(out, force=force) as root:
+        _write_model(ir_model, loaded, root)
+        for backend, options in built_specs:
+            result = _build_and_verify(backend, options, ir_model, loaded, root, pipeline,
+                                       backends_done, timings, stage)
+            if result is not None and not result.passed and not allow_mismatch:
+                raise _divergence_error(backend.name, result, loaded, ir_model, pipeline, calibration)
+        stage("write")
+        manifest = _write_manifest(root, loaded, ir_model, pipeline, reports, before,
+                                   backends_done.entries, pack, stage)
+    for built in backends_done.built.values():
+        built.root = out  # the staging dir was renamed into place
+    for report in reports:
+        for key, value in report.timing.items():
+            timings[f"{report.name} {key}"] = value
+    return ExportResult(out, manifest, backends_done.verifications, timings, backends_done.built,
+                        backends_done.unverified)
+
+
+@dataclasses.dataclass
+class _BackendsDone:
+    """What the backends built and how each verified, by backend name."""
+
+    built: dict[str, BuiltArtifact] = dataclasses.field(default_factory=dict)
+    verifications: list[VerificationResult] = dataclasses.field(default_factory=list)
+    unverified: dict[str, str] = dataclasses.field(default_factory=dict)  # built, not run: why
+    entries: dict[str, Any] = dataclasses.field(default_factory=dict)  # the manifest's "backends"
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str, stage: StageCallback):
+    stage(name)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def _check_backends_usable(specs: list[tuple[Backend, dict[str, Any]]], build_only: bool) -> None:
+    """Every backend asked for runs here, or (with ``build_only``) can at least be built."""
+    for backend, _ in specs:
         if backend.available():
             continue
         if not (build_only and backend.buildable()):
@@ -105,24 +166,12 @@ def export(
                 f"backend {backend.name!r} is unavailable here: {backend.unavailable_reason()}"
                 + hint
             )
-    if not isinstance(model, LoadedModel):  # a bad data file fails before the model loads
-        calibration = Calibration.coerce(calibration)
-    # Checked up front too, so a long export does not run only to be refused at the end.
-    check_output_path(out, force=force, kind="output directory")
 
-    t = time.perf_counter()
-    stage("load")
-    loaded = model if isinstance(model, LoadedModel) else load(
-        model, inputs=inputs, calibration=calibration, task=task, texts=texts
-    )
-    timings["load"] = time.perf_counter() - t
-    # Passes work in place; a clone keeps a caller's LoadedModel reusable (bench runs many variants
-    # from one load). Tensors are shared, not copied: passes replace them, never write into them.
-    ir_model = loaded.model.clone()
-    before = _model_facts(ir_model)
 
-    t = time.perf_counter()
-    stage("passes")
+def _run_passes(loaded: LoadedModel, model: ir.Model, pipeline: Pipeline, train: str | Path | None,
+                stage: StageCallback, on_progress: StageCallback | None):
+    """The pipeline run on ``model`` with the data its passes need bound; the rank is non-zero on
+    the other ranks of a torchrun job that healed together."""
     pipeline.bind_calibration(loaded.calibration)
     pipeline.bind_verification(loaded.verification_feeds, loaded.task == "classification")
     rank = 0
@@ -133,96 +182,95 @@ def export(
         stage("training data")
         pipeline.bind_training(training_data(loaded, train), on_progress)
         rank = job_rank()
-    ir_model, reports = pipeline.run(ir_model)
-    timings["passes"] = time.perf_counter() - t
-    if rank != 0:  # one rank of a torchrun job that healed together: rank 0 writes the artifact
-        return ExportResult(out, {}, [], timings, rank=rank)
+    model, reports = pipeline.run(model)
+    return model, reports, rank
 
-    stage("check")
-    proto = ir.to_proto(ir_model)
+
+def _check_graph(model: ir.Model, pipeline: Pipeline) -> None:
+    proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
             f"the graph after passes [{pipeline.spec()}] fails the ONNX full check: {exc}"
         ) from exc
-    del proto
 
-    verifications: list[VerificationResult] = []
-    built_by_name: dict[str, BuiltArtifact] = {}
-    unverified: dict[str, str] = {}  # backend -> why it was built but not run
-    backend_entries: dict[str, Any] = {}
-    with staged_dir(out, force=force) as root:
-        from slimgraph.frontend.onnx_file import save_onnx
 
-        save_onnx(ir_model, root / MODEL_FILE)
-        for source_file, name in loaded.assets:  # a model folder's tokenizer and config
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_file, root / name)
-        for backend, options in built_specs:
-            t = time.perf_counter()
-            stage(f"build {backend.name}")
-            extra = {"feeds": loaded.verification_feeds} if getattr(backend, "wants_feeds",
-                                                                    False) else {}
-            built = backend.build(ir_model, root, options, **extra)
-            timings[f"build {backend.name}"] = time.perf_counter() - t
-            if not backend.available():
-                unverified[backend.name] = backend.unavailable_reason() or "cannot run here"
-                backend_entries[backend.name] = _backend_entry(built, None) | {
-                    "verification": {"skipped": unverified[backend.name]}}
-                built_by_name[backend.name] = built
-                continue
-            t = time.perf_counter()
-            stage(f"verify {backend.name}")
-            result = verify(
-                backend.name, backend.load(built), loaded.reference, loaded.verification_feeds,
-                [v.name for v in ir_model.graph.outputs], pipeline.tolerance,
-                check_top1=loaded.task == "classification",
-            )
-            timings[f"verify {backend.name}"] = time.perf_counter() - t
-            verifications.append(result)
-            built_by_name[backend.name] = built
-            backend_entries[backend.name] = _backend_entry(built, result)
-            if not result.passed and not allow_mismatch:
-                where = _first_divergence(loaded, ir_model, pipeline.tolerance.min_cosine)
-                raise VerificationError(
-                    f"{backend.name}: the artifact diverges from the float reference: "
-                    + "; ".join(result.failures)
-                    + (f"; first diverging tensor: {where}" if where else "")
-                    + _calibrated_on(calibration, pipeline)
-                    + " (pass --allow-mismatch to keep it anyway)"
-                )
-        stage("write")
-        manifest = {
-            "slimgraph_manifest": 1,
-            "source": loaded.source,
-            "inputs": [_value_json(v) for v in ir_model.graph.inputs],
-            "outputs": [_value_json(v) for v in ir_model.graph.outputs],
-            "pipeline": pipeline.spec(),
-            "passes": [_report_json(r) for r in reports],
-            "model": {"before": before, "after": _model_facts(ir_model)},
-            "tolerance": dataclasses.asdict(pipeline.tolerance),
-            "backends": backend_entries,
-            "versions": package_versions(),
-        }
-        if loaded.assets:  # what turns text into the inputs: shipped beside model.onnx
-            manifest["assets"] = [name for _, name in loaded.assets]
-        if pack:
-            stage("pack")
-            manifest["pack"] = pack_model(root, MODEL_FILE, _stored_weights(ir_model),
-                                          before["weight_bytes"])
-        hashes = file_hashes(root)
-        for entry in backend_entries.values():
-            entry["files"] = {f: hashes[f] for f in [MODEL_FILE, *entry["files"]]}
-        (root / REPORT).write_text(render_report(manifest))
-        manifest["files"] = file_hashes(root)
-        write_json(root / MANIFEST, manifest)
-    for built in built_by_name.values():
-        built.root = out  # the staging dir was renamed into place
-    for report in reports:
-        for key, value in report.timing.items():
-            timings[f"{report.name} {key}"] = value
-    return ExportResult(out, manifest, verifications, timings, built_by_name, unverified)
+def _write_model(model: ir.Model, loaded: LoadedModel, root: Path) -> None:
+    """model.onnx, and a model folder's tokenizer and config beside it."""
+    from slimgraph.frontend.onnx_file import save_onnx
+
+    save_onnx(model, root / MODEL_FILE)
+    for source_file, name in loaded.assets:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_file, root / name)
+
+
+def _build_and_verify(backend: Backend, options: dict[str, Any], model: ir.Model,
+                      loaded: LoadedModel, root: Path, pipeline: Pipeline, done: _BackendsDone,
+                      timings: dict[str, float], stage: StageCallback) -> VerificationResult | None:
+    """Build one backend's files under ``root`` and run them against the float reference where
+    the backend runs here (None where it cannot); the outcome also goes into ``done``."""
+    with _timed(timings, f"build {backend.name}", stage):
+        built = backend.build(model, root, options, feeds=loaded.verification_feeds)
+    done.built[backend.name] = built
+    if not backend.available():
+        done.unverified[backend.name] = backend.unavailable_reason() or "cannot run here"
+        done.entries[backend.name] = _backend_entry(built, None) | {
+            "verification": {"skipped": done.unverified[backend.name]}}
+        return None
+    with _timed(timings, f"verify {backend.name}", stage):
+        result = verify(
+            backend.name, backend.load(built), loaded.reference, loaded.verification_feeds,
+            [v.name for v in model.graph.outputs], pipeline.tolerance,
+            check_top1=loaded.task == "classification",
+        )
+    done.verifications.append(result)
+    done.entries[backend.name] = _backend_entry(built, result)
+    return result
+
+
+def _divergence_error(name: str, result: VerificationResult, loaded: LoadedModel, model: ir.Model,
+                      pipeline: Pipeline, calibration: Any) -> VerificationError:
+    where = _first_divergence(loaded, model, pipeline.tolerance.min_cosine)
+    return VerificationError(
+        f"{name}: the artifact diverges from the float reference: "
+        + "; ".join(result.failures)
+        + (f"; first diverging tensor: {where}" if where else "")
+        + _calibrated_on(calibration, pipeline)
+        + " (pass --allow-mismatch to keep it anyway)"
+    )
+
+
+def _write_manifest(root: Path, loaded: LoadedModel, model: ir.Model, pipeline: Pipeline,
+                    reports: list, before: dict[str, Any], backend_entries: dict[str, Any],
+                    pack: bool, stage: StageCallback) -> dict[str, Any]:
+    """report.md and manifest.json (with every file's hash), and the packed model if asked."""
+    manifest = {
+        "slimgraph_manifest": 1,
+        "source": loaded.source,
+        "inputs": [_value_json(v) for v in model.graph.inputs],
+        "outputs": [_value_json(v) for v in model.graph.outputs],
+        "pipeline": pipeline.spec(),
+        "passes": [_report_json(r) for r in reports],
+        "model": {"before": before, "after": _model_facts(model)},
+        "tolerance": dataclasses.asdict(pipeline.tolerance),
+        "backends": backend_entries,
+        "versions": package_versions(),
+    }
+    if loaded.assets:  # what turns text into the inputs: shipped beside model.onnx
+        manifest["assets"] = [name for _, name in loaded.assets]
+    if pack:
+        stage("pack")
+        manifest["pack"] = pack_model(root, MODEL_FILE, _stored_weights(model),
+                                      before["weight_bytes"])
+    hashes = file_hashes(root)
+    for entry in backend_entries.values():
+        entry["files"] = {f: hashes[f] for f in [MODEL_FILE, *entry["files"]]}
+    (root / REPORT).write_text(render_report(manifest))
+    manifest["files"] = file_hashes(root)
+    write_json(root / MANIFEST, manifest)
+    return manifest
 
 
 def _first_divergence(loaded: LoadedModel, model: ir.Model, min_cosine: float) -> str | None:

@@ -125,7 +125,7 @@ def test_killed_export_leaves_no_output(tiny_cnn_path, tmp_path):
             def available(self): return True
             def unavailable_reason(self): return None
             def options(self, given): return given
-            def build(self, model, root, options):
+            def build(self, model, root, options, feeds=None):
                 (root / "partial.bin").write_bytes(b"x" * 1024)
                 os.kill(os.getpid(), signal.SIGKILL)
 

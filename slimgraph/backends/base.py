@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import onnx_ir as ir
 
+from slimgraph.calibration import Feeds
 from slimgraph.verify import Runner
 
 
@@ -44,8 +46,11 @@ class Backend(Protocol):
     def options(self, given: dict[str, Any]) -> dict[str, Any]:
         """The defaults updated by ``given``, every value checked; BackendError names a bad one."""
 
-    def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
-        """Write the backend's files under ``root`` (the artifact dir; model.onnx is already there)."""
+    def build(self, model: ir.Model, root: Path, options: dict[str, Any],
+              feeds: Sequence[Feeds] | None = None) -> BuiltArtifact:
+        """Write the backend's files under ``root`` (the artifact dir; model.onnx is already there).
+        ``feeds`` are the verification inputs, for a backend whose artifact carries test data (hls:
+        the testbench's samples and the C simulation); the others ignore them."""
 
     def load(self, built: BuiltArtifact) -> Runner:
         """A runner for the built artifact: feeds (numpy) in, outputs (numpy, graph order) out."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.backends.base import BuiltArtifact
+from slimgraph.calibration import Feeds
 from slimgraph.errors import BackendError
 from slimgraph.verify import Runner
 
@@ -174,7 +176,8 @@ class OrtBackend:
                                "true or false")
         return options
 
-    def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
+    def build(self, model: ir.Model, root: Path, options: dict[str, Any],
+              feeds: Sequence[Feeds] | None = None) -> BuiltArtifact:
         config = {**self.options(options), "model": f"../{MODEL_FILE}",
                   "providers": self._providers_names()}
         out = root / self.name

@@ -63,7 +63,6 @@ DEFAULT_AGREEMENT = 0.999  # of quantized values within one step of onnxruntime'
 class HlsBackend:
     name = "hls"
     description = "Vitis HLS C++ project (int8 / binary / fixed point), proved by a g++ C simulation"
-    wants_feeds = True  # build() takes the verification inputs for tb_data/ and the C simulation
 
     def default_options(self) -> dict[str, Any]:
         return {"io": "parallel", "reuse": 1, "precision": None, "part": DEFAULT_PART,

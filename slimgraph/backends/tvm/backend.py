@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from slimgraph.backends.base import BuiltArtifact
 from slimgraph.backends.tvm.lower import prepare_for_import
 from slimgraph.backends.tvm.runtime import IO_FILE, LIBRARY_FILE, TensorSpec, load_runner
 from slimgraph.backends.tvm.tuning import tune
+from slimgraph.calibration import Feeds
 from slimgraph.errors import BackendError, UnsupportedOpError
 from slimgraph.verify import Runner
 
@@ -82,7 +84,8 @@ class TvmBackend:
 
         return tvm_ffi.get_global_func(f"target.build.{self.kind}", allow_missing=True) is not None
 
-    def build(self, model: ir.Model, root: Path, options: dict[str, Any]) -> BuiltArtifact:
+    def build(self, model: ir.Model, root: Path, options: dict[str, Any],
+              feeds: Sequence[Feeds] | None = None) -> BuiltArtifact:
         reason = tvm_unavailable_reason()
         if reason is not None:
             raise BackendError(f"{self.name}: {reason}")
