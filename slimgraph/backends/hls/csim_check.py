@@ -20,6 +20,7 @@ from slimgraph.backends.hls.csim import (
     compile_csim,
     run_binary,
 )
+from slimgraph.backends.hls.layout import from_hwc, to_hwc
 from slimgraph.backends.hls.lower import Lowered, lower
 from slimgraph.calibration import Feeds
 from slimgraph.errors import BackendError
@@ -39,14 +40,12 @@ def run_csim_check(model: ir.Model, lowered: Lowered, project: Path, feeds: Sequ
             ap_binary = compile_csim(project, Path(build), "csim_ap", ap_types)
             ap_out = run_binary(ap_binary, project / INPUTS_FILE, project / AP_OUTPUTS_FILE)
     shape = io["input"]["shape"]
-    logical = [raw_inputs[0].reshape(len(raw_inputs[0]), *(
-        (shape[1], shape[2], shape[0]) if io["input"]["layout"] == "HWC" else shape))]
-    if io["input"]["layout"] == "HWC":
-        logical = [logical[0].transpose(0, 3, 1, 2)]
+    logical = [from_hwc(raw_inputs[0], shape) if io["input"]["layout"] == "HWC"
+               else raw_inputs[0].reshape(len(raw_inputs[0]), *shape)]
     values = reference.run(lowered, logical)
     expected = values[lowered.outputs[0].name].reshape(len(out), *lowered.outputs[0].shape)
     if io["output"]["layout"] == "HWC":
-        expected = expected.transpose(0, 2, 3, 1)
+        expected = to_hwc(expected)
     expected = expected.reshape(len(out), -1)
     mismatches = int((expected != out).sum())
     report = {

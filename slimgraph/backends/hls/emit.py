@@ -9,6 +9,9 @@
     hls/Makefile                  ``make csim``: g++ builds and runs design + testbench
     hls/build.tcl                 Vitis HLS: csim, synthesis, IP export
 
+Each layer kind has one emitter (``EMITTERS``) that fills the layer's config struct, const arrays
+and calls from its typed parameters.
+
 Every identifier comes from one ``codegen.Namespace`` (tensors first, so they keep their own
 names where they can; then the per-layer configs, arrays and FIFOs) and every name from the model
 in a comment from ``codegen.text``; the Jinja2 environment refuses any other text that could end
@@ -21,6 +24,7 @@ import dataclasses
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,8 @@ import jinja2
 import numpy as np
 
 from slimgraph import codegen
-from slimgraph.backends.hls.lower import Layer, Lowered, Tensor
+from slimgraph.backends.hls.layers import Layer, Tensor, Window
+from slimgraph.backends.hls.lower import Lowered
 from slimgraph.errors import BackendError
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +57,22 @@ class Project:
     reuse: int
     part: str
     clock_ns: float
+
+
+@dataclasses.dataclass
+class LayerCode:
+    """One layer's part of the project, filled by the emitter of its kind."""
+
+    index: int
+    cfg: str  # its config struct
+    arrays: dict[str, str]  # role (w, b, rq, table) -> the const array's identifier
+    ints: dict[str, int]  # the config struct's constants
+    longs: dict[str, int]
+    typedefs: dict[str, str] = dataclasses.field(default_factory=dict)
+    weights: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # its const arrays
+    note: str = ""  # what the weights header holds
+    parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # more config structs
+    calls: list[str] = dataclasses.field(default_factory=list)
 
 
 def ctype(bits: int, signed: bool) -> str:
@@ -103,139 +124,35 @@ class Emitter:
 
     # -- per layer ---------------------------------------------------------------------------
     def layer_dict(self, index: int, layer: Layer) -> dict[str, Any]:
+        emit = EMITTERS.get(layer.kind)
+        if emit is None:
+            raise BackendError(f"hls: no emitter for layer kind {layer.kind!r}")
         cfg = self.generated("cfg", index, f"cfg{index}_{self.ident(layer.output)}")
         arrays = {role: self.generated(role, index, f"{role}_{index}")
                   for role in ("w", "b", "rq", "table")}
-        ints: dict[str, int] = {"reuse": self.project.reuse}
-        longs = {"lo": layer.lo, "hi": layer.hi}
-        typedefs: dict[str, str] = {}
-        weights: list[dict[str, Any]] = []
-        p = layer.params
-        x = layer.inputs[0]
-        extra_structs: list[dict[str, Any]] = []
+        code = LayerCode(index, cfg, arrays, {"reuse": self.project.reuse},
+                         {"lo": layer.lo, "hi": layer.hi})
+        emit(self, layer, code)
         if layer.requant is not None:
             rq = layer.requant
-            weights.append({"ctype": "sg::rq_t", "name": arrays["rq"], "size": len(rq.m),
-                            "lines": [f"{{{m}, {s}, {q}}}," for m, s, q in zip(rq.m, rq.shift, rq.post,
-                                                                               strict=True)]})
-        note = ""
-        if layer.kind in ("conv", "dense"):
-            kind = KIND[p["weight_kind"]]
-            if kind == 1 and x.fmt.bits == 2 and x.fmt.zero_point == 0:
-                kind = 2  # sign inputs: XNOR-popcount
-            ints |= {"zp_in": x.fmt.zero_point, "kind": kind}
-            acc_bits = max(p["acc_bits"], 2)
-            typedefs["acc_t"] = ctype(acc_bits, True)
-            if kind:
-                typedefs["w_t"] = "uint8_t"
-                packed = pack_signs(p["weight"])
-                weights.insert(0, {"ctype": "uint8_t", "name": arrays["w"], "size": packed.size,
-                                   "lines": _lines(packed)})
-                note = "+1 or -1 weights packed 8 per byte, bit set = +1"
-            else:
-                wbits = bits_of(p["weight"])
-                typedefs["w_t"] = f"sg::wstore<{wbits}>::type"  # N bits in synthesis
-                weights.insert(0, {"ctype": typedefs["w_t"], "name": arrays["w"],
-                                   "size": p["weight"].size, "lines": _lines(p["weight"])})
-                note = f"{p['weight_kind']} weights, {wbits}-bit"
-            weights.insert(1, {"ctype": typedefs["acc_t"], "name": arrays["b"],
-                               "size": len(p["bias"]), "lines": _lines(p["bias"])})
-        if layer.kind == "conv":
-            ci, h, w = x.shape
-            kh, kw = p["kernel"]
-            ints |= {"ci": ci, "h": h, "w": w, "co": layer.output.shape[0], "kh": kh, "kw": kw,
-                     "sh": p["strides"][0], "sw": p["strides"][1], "pt": p["pads"][0],
-                     "pl": p["pads"][1], "pb": p["pads"][2], "pr": p["pads"][3],
-                     "ho": p["out"][0], "wo": p["out"][1], "groups": p["groups"],
-                     "pad_value": x.fmt.zero_point}
-            call = "conv2d_stream" if self.stream else "conv2d"
-            args = ["w", "b", "rq"]
-        elif layer.kind == "dense":
-            ints |= {"n_in": x.size, "n_out": layer.output.size}
-            call, args = ("dense_stream" if self.stream else "dense"), ["w", "b", "rq"]
-        elif layer.kind in ("maxpool", "avgpool"):
-            average = layer.kind == "avgpool"
-            c, h, w = x.shape
-            kh, kw = p["kernel"]
-            ints |= {"c": c, "ci": c, "h": h, "w": w, "kh": kh, "kw": kw, "sh": p["strides"][0],
-                     "sw": p["strides"][1], "pt": p["pads"][0], "pl": p["pads"][1],
-                     "pb": p["pads"][2], "pr": p["pads"][3], "ho": p["out"][0], "wo": p["out"][1],
-                     "zp_in": x.fmt.zero_point, "average": int(average),
-                     "pad_value": x.fmt.zero_point if average else x.fmt.low}
-            typedefs["acc_t"] = ctype(max(p.get("acc_bits", 32), 2), True)
-            if not average:
-                weights.append({"ctype": "sg::rq_t", "name": arrays["rq"], "size": 1,
-                                "lines": ["{1, 0, 0},"]})
-                longs = {"lo": x.fmt.low, "hi": x.fmt.high}
-            if self.stream:
-                call, args = "pool2d_stream", ["rq"]
-            else:
-                call, args = ("avg_pool2d", ["rq"]) if average else ("max_pool2d", [])
-        elif layer.kind == "add":
-            a, b = layer.inputs
-            channels = layer.output.shape[0]
-            ints |= {"size": layer.output.size, "zp_a": a.fmt.zero_point, "zp_b": b.fmt.zero_point,
-                     "channels": channels, "per_channel": layer.output.size // channels}
-            longs |= {"m_a": p["m"][0], "m_b": p["m"][1]}
-            call, args = ("add_stream" if self.stream else "add"), ["rq"]
-        elif layer.kind == "concat":
-            if self.stream:
-                if len(layer.inputs) != 2:
-                    raise BackendError(f"hls: {codegen.text(layer.node)!r}: io=stream concatenates "
-                                       f"two maps at a time, not {len(layer.inputs)}; use io=parallel")
-                a, b = layer.inputs
-                ints |= {"pixels": int(np.prod(a.shape[1:])), "ca": a.shape[0], "cb": b.shape[0],
-                         "zp_a": a.fmt.zero_point, "zp_b": b.fmt.zero_point}
-                longs |= {"m_a": p["m"][0], "m_b": p["m"][1]}
-                call, args = "concat_stream", ["rq"]
-            else:
-                offset = 0
-                calls = []
-                for j, part in enumerate(layer.inputs):
-                    name = self.generated(f"part{j}", index, f"{cfg}_part{j}")
-                    extra_structs.append({"name": name, "ints": {
-                        "size": part.size, "zp_in": part.fmt.zero_point, "offset": offset,
-                        "reuse": self.project.reuse}.items(), "longs": (
-                        {"m": p["m"][j]} | longs).items(), "typedefs": {}.items()})
-                    offset += part.size
-                    calls.append(f"sg::concat_part<{name}>({self.buffer(part, index)}, "
-                                 f"{self.buffer(layer.output, index)}, {arrays['rq']})")
-                return self.finish(index, layer, cfg, ints, longs, typedefs, weights, note,
-                                   extra_structs, calls)
-        elif layer.kind == "sigmoid":
-            ints |= {"size": layer.output.size, "in_low": x.fmt.low, "drop": p["drop"]}
-            weights.append({"ctype": self.type_name(layer.output), "name": arrays["table"],
-                            "size": len(p["table"]), "lines": _lines(p["table"])})
-            call, args = ("sigmoid_stream" if self.stream else "sigmoid"), ["table"]
-            note = "sigmoid lookup table"
-        elif layer.kind == "softmax":
-            ints |= {"n": layer.output.size, "drop": p["drop"], "entries": len(p["table"]),
-                     "zp_out": layer.output.fmt.zero_point}
-            longs |= {"divider": p["divider"]}
-            weights.append({"ctype": "uint32_t", "name": arrays["table"],
-                            "size": len(p["table"]), "lines": _lines(p["table"])})
-            call, args = ("softmax_stream" if self.stream else "softmax"), ["table"]
-            note = "exp lookup table, 16-bit fixed point"
-        elif layer.kind in ("requant", "clamp", "sign"):
-            channels = layer.output.shape[0]
-            ints |= {"size": layer.output.size, "zp_in": x.fmt.zero_point, "channels": channels,
-                     "per_channel": layer.output.size // channels}
-            call = f"{layer.kind}_stream" if self.stream else layer.kind
-            args = ["rq"] if layer.kind == "requant" else []
-        else:
-            raise BackendError(f"hls: no emitter for layer kind {layer.kind!r}")
-        operands = [self.buffer(t, index) for t in layer.inputs] + [self.buffer(layer.output, index)]
-        operands += [arrays[a] for a in args]
-        call_text = f"sg::{call}<{cfg}>({', '.join(operands)})"
-        return self.finish(index, layer, cfg, ints, longs, typedefs, weights, note, extra_structs,
-                           [call_text])
-
-    def finish(self, index: int, layer: Layer, cfg: str, ints: dict, longs: dict, typedefs: dict,
-               weights: list, note: str, extra: list, calls: list[str]) -> dict[str, Any]:
-        structs = [{"name": cfg, "ints": ints.items(), "longs": longs.items(),
-                    "typedefs": typedefs.items()}, *extra]
+            code.weights.append({"ctype": "sg::rq_t", "name": arrays["rq"], "size": len(rq.m),
+                                 "lines": [f"{{{m}, {s}, {q}}}," for m, s, q in zip(
+                                     rq.m, rq.shift, rq.post, strict=True)]})
+        structs = [{"name": cfg, "ints": code.ints.items(), "longs": code.longs.items(),
+                    "typedefs": code.typedefs.items()}, *code.parts]
         return {"kind": layer.kind, "node": codegen.text(layer.node), "cfg": cfg, "index": index,
-                "structs": structs, "weights": weights, "weight_note": note, "calls": calls}
+                "structs": structs, "weights": code.weights, "weight_note": code.note,
+                "calls": code.calls}
+
+    def streamed(self, function: str) -> str:
+        """The layer library's function for the io mode: ``dense`` or ``dense_stream``."""
+        return f"{function}_stream" if self.stream else function
+
+    def call(self, layer: Layer, code: LayerCode, function: str, arrays: list[str]) -> None:
+        """``sg::function<cfg>(inputs, output, arrays)`` as the layer's call."""
+        operands = [self.buffer(t, code.index) for t in layer.inputs]
+        operands += [self.buffer(layer.output, code.index)] + [code.arrays[a] for a in arrays]
+        code.calls.append(f"sg::{function}<{code.cfg}>({', '.join(operands)})")
 
     # -- buffers and FIFOs -------------------------------------------------------------------
     def buffer(self, tensor: Tensor, reader: int) -> str:
@@ -296,11 +213,11 @@ class Emitter:
         fifo = sum(f["depth"] * bits[f["type"]] for f in self.fifos())
         lines = 0
         for layer in self.layers:
-            if layer.kind in ("conv", "maxpool", "avgpool"):
+            window = layer.window
+            if window is not None:  # conv, maxpool, avgpool
                 c, _, w = layer.inputs[0].shape
-                pads = layer.params["pads"]
-                lines += layer.params["kernel"][0] * (w + pads[1] + pads[3]) * c * \
-                    layer.inputs[0].fmt.bits
+                pads = window.pads
+                lines += window.kernel[0] * (w + pads[1] + pads[3]) * c * layer.inputs[0].fmt.bits
         return fifo, lines
 
     # -- the project -------------------------------------------------------------------------
@@ -344,6 +261,136 @@ class Emitter:
         return written
 
 
+# -- one emitter per layer kind: the config struct's constants, the const arrays, the call ------
+def _array(ctype_: str, name: str, values: np.ndarray) -> dict[str, Any]:
+    return {"ctype": ctype_, "name": name, "size": values.size, "lines": _lines(values)}
+
+
+def _window_ints(window: Window) -> dict[str, int]:
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (ho, wo) = (window.kernel, window.strides, window.pads,
+                                                      window.out)
+    return {"kh": kh, "kw": kw, "sh": sh, "sw": sw, "pt": pt, "pl": pl, "pb": pb, "pr": pr,
+            "ho": ho, "wo": wo}
+
+
+def _weights(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    """conv and dense: the weight and bias arrays and their types."""
+    weights, x = layer.weights, layer.inputs[0]
+    kind = KIND[weights.kind]
+    if kind == 1 and x.fmt.bits == 2 and x.fmt.zero_point == 0:
+        kind = 2  # sign inputs: XNOR-popcount
+    code.ints |= {"zp_in": x.fmt.zero_point, "kind": kind}
+    code.typedefs["acc_t"] = ctype(max(layer.acc_bits, 2), True)
+    if kind:
+        code.typedefs["w_t"] = "uint8_t"
+        code.weights.append(_array("uint8_t", code.arrays["w"], pack_signs(weights.q)))
+        code.note = "+1 or -1 weights packed 8 per byte, bit set = +1"
+    else:
+        code.typedefs["w_t"] = f"sg::wstore<{weights.bits}>::type"  # N bits in synthesis
+        code.weights.append(_array(code.typedefs["w_t"], code.arrays["w"], weights.q))
+        code.note = f"{weights.kind} weights, {weights.bits}-bit"
+    code.weights.append(_array(code.typedefs["acc_t"], code.arrays["b"], weights.bias))
+
+
+def _conv(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    _weights(em, layer, code)
+    p, x = layer.params, layer.inputs[0]
+    ci, h, w = x.shape
+    code.ints |= {"ci": ci, "h": h, "w": w, "co": layer.output.shape[0], **_window_ints(p.window),
+                  "groups": p.groups, "pad_value": x.fmt.zero_point}
+    em.call(layer, code, em.streamed("conv2d"), ["w", "b", "rq"])
+
+
+def _dense(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    _weights(em, layer, code)
+    code.ints |= {"n_in": layer.inputs[0].size, "n_out": layer.output.size}
+    em.call(layer, code, em.streamed("dense"), ["w", "b", "rq"])
+
+
+def _pool(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    """maxpool and avgpool."""
+    average = layer.kind == "avgpool"
+    x = layer.inputs[0]
+    c, h, w = x.shape
+    code.ints |= {"c": c, "ci": c, "h": h, "w": w, **_window_ints(layer.params.window),
+                  "zp_in": x.fmt.zero_point, "average": int(average),
+                  "pad_value": x.fmt.zero_point if average else x.fmt.low}
+    code.typedefs["acc_t"] = ctype(max(layer.acc_bits, 2), True)
+    if not average:
+        code.weights.append({"ctype": "sg::rq_t", "name": code.arrays["rq"], "size": 1,
+                             "lines": ["{1, 0, 0},"]})
+    if em.stream:
+        em.call(layer, code, "pool2d_stream", ["rq"])
+    else:
+        em.call(layer, code, "avg_pool2d" if average else "max_pool2d", ["rq"] if average else [])
+
+
+def _add(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    a, b = layer.inputs
+    channels = layer.output.shape[0]
+    code.ints |= {"size": layer.output.size, "zp_a": a.fmt.zero_point, "zp_b": b.fmt.zero_point,
+                  "channels": channels, "per_channel": layer.output.size // channels}
+    code.longs |= {"m_a": layer.params.m[0], "m_b": layer.params.m[1]}
+    em.call(layer, code, em.streamed("add"), ["rq"])
+
+
+def _concat(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    m = layer.params.m
+    if em.stream:
+        if len(layer.inputs) != 2:
+            raise BackendError(f"hls: {codegen.text(layer.node)!r}: io=stream concatenates "
+                               f"two maps at a time, not {len(layer.inputs)}; use io=parallel")
+        a, b = layer.inputs
+        code.ints |= {"pixels": int(np.prod(a.shape[1:])), "ca": a.shape[0], "cb": b.shape[0],
+                      "zp_a": a.fmt.zero_point, "zp_b": b.fmt.zero_point}
+        code.longs |= {"m_a": m[0], "m_b": m[1]}
+        em.call(layer, code, "concat_stream", ["rq"])
+        return
+    offset = 0  # io=parallel: one call per input, each with its own config struct
+    for j, part in enumerate(layer.inputs):
+        name = em.generated(f"part{j}", code.index, f"{code.cfg}_part{j}")
+        code.parts.append({"name": name, "ints": {
+            "size": part.size, "zp_in": part.fmt.zero_point, "offset": offset,
+            "reuse": em.project.reuse}.items(), "longs": ({"m": m[j]} | code.longs).items(),
+            "typedefs": {}.items()})
+        offset += part.size
+        code.calls.append(f"sg::concat_part<{name}>({em.buffer(part, code.index)}, "
+                          f"{em.buffer(layer.output, code.index)}, {code.arrays['rq']})")
+
+
+def _sigmoid(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    p = layer.params
+    code.ints |= {"size": layer.output.size, "in_low": layer.inputs[0].fmt.low, "drop": p.drop}
+    code.weights.append(_array(em.type_name(layer.output), code.arrays["table"], p.table))
+    code.note = "sigmoid lookup table"
+    em.call(layer, code, em.streamed("sigmoid"), ["table"])
+
+
+def _softmax(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    p = layer.params
+    code.ints |= {"n": layer.output.size, "drop": p.drop, "entries": len(p.table),
+                  "zp_out": layer.output.fmt.zero_point}
+    code.longs |= {"divider": p.divider}
+    code.weights.append(_array("uint32_t", code.arrays["table"], p.table))
+    code.note = "exp lookup table, 16-bit fixed point"
+    em.call(layer, code, em.streamed("softmax"), ["table"])
+
+
+def _elementwise(em: Emitter, layer: Layer, code: LayerCode) -> None:
+    """requant, clamp and sign."""
+    channels = layer.output.shape[0]
+    code.ints |= {"size": layer.output.size, "zp_in": layer.inputs[0].fmt.zero_point,
+                  "channels": channels, "per_channel": layer.output.size // channels}
+    em.call(layer, code, em.streamed(layer.kind), ["rq"] if layer.kind == "requant" else [])
+
+
+EMITTERS: dict[str, Callable[[Emitter, Layer, LayerCode], None]] = {
+    "conv": _conv, "dense": _dense, "maxpool": _pool, "avgpool": _pool, "add": _add,
+    "concat": _concat, "sigmoid": _sigmoid, "softmax": _softmax, "requant": _elementwise,
+    "clamp": _elementwise, "sign": _elementwise,
+}
+
+
 def _renderable(value: Any) -> Any:
     """Jinja2's finalize: numbers pass; text must be generated code or codegen.text's output."""
     if isinstance(value, str) and not RENDERABLE.match(value):
@@ -351,11 +398,6 @@ def _renderable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise BackendError(f"hls: refusing to render the non-finite number {value}")
     return value
-
-
-def bits_of(values: np.ndarray) -> int:
-    top = int(np.abs(values).max()) if values.size else 0
-    return max(2, math.ceil(math.log2(top + 1)) + 1)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from slimgraph.backends.hls.lower import Layer
+from slimgraph.backends.hls.layers import Layer, SigmoidParams, SoftmaxParams
 
 BRAM18_BITS = 18432
 SMALL_ARRAY_BITS = 1024
@@ -45,22 +45,22 @@ def _array_bram(bits: int) -> int:
 
 
 def layer_estimate(layer: Layer, reuse: int, stream: bool) -> dict[str, Any]:
-    p = layer.params
+    weights, window = layer.weights, layer.window
     k = macs_per_output(layer)
     outputs = layer.output.size
-    binary = p.get("weight_kind") == "binary"
+    binary = weights is not None and weights.kind == "binary"
     multipliers = 0 if binary or not layer.macs else unroll(layer, reuse)
     x_bits = layer.inputs[0].fmt.bits
     weight_bits = bias_bits = per = 0
     arrays: list[int] = []
     if layer.macs:
-        w = p["weight"]
-        per = 1 if binary else max(2, int(abs(w).max()).bit_length() + 1)
-        weight_bits = w.size * per
-        bias_bits = len(p["bias"]) * p["acc_bits"]
+        per = 1 if binary else weights.bits
+        weight_bits = weights.q.size * per
+        bias_bits = len(weights.bias) * layer.acc_bits
         arrays += [weight_bits, bias_bits]
-    if "table" in p:  # sigmoid / softmax lookup tables
-        weight_bits = len(p["table"]) * (17 if layer.kind == "softmax" else layer.output.fmt.bits)
+    if isinstance(layer.params, SigmoidParams | SoftmaxParams):  # lookup tables
+        table = layer.params.table
+        weight_bits = len(table) * (17 if layer.kind == "softmax" else layer.output.fmt.bits)
         arrays.append(weight_bits)
     requant_bits = 0
     requantizes = layer.requant is not None and bool((layer.requant.m != 1).any() or
@@ -71,15 +71,15 @@ def layer_estimate(layer: Layer, reuse: int, stream: bool) -> dict[str, Any]:
     per_mult = 1 if (not layer.macs or (per <= 18 and x_bits <= 27)) else 2
     dsp = multipliers * per_mult + (REQUANT_DSP if requantizes else 0)
     depth = (math.ceil(math.log2(k)) if k > 1 else 0) + 4
-    if stream and layer.kind in ("conv", "maxpool", "avgpool"):
-        c, h, w_ = layer.inputs[0].shape
-        pads = p["pads"]
-        tokens = (h + pads[0] + pads[2]) * (w_ + pads[1] + pads[3]) * c
+    if stream and window is not None:  # conv, maxpool, avgpool
+        c, h, w = layer.inputs[0].shape
+        pads = window.pads
+        tokens = (h + pads[0] + pads[2]) * (w + pads[1] + pads[3]) * c
         cycles = tokens + outputs * reuse + depth
     else:
         cycles = outputs * reuse + depth
     return {
-        "layer": layer.node, "kind": layer.kind, "weights": p.get("weight_kind"),
+        "layer": layer.node, "kind": layer.kind, "weights": weights.kind if weights else None,
         "output_shape": list(layer.output.shape), "macs": layer.macs, "macs_per_output": k,
         "multipliers": multipliers, "dsp": dsp, "weight_bits": weight_bits + bias_bits + requant_bits,
         "bram18": sum(_array_bram(b) for b in arrays), "cycles": cycles,

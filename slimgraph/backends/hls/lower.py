@@ -14,7 +14,8 @@ to even (as onnxruntime rounds), so ``m_c / 2^shift_c`` is the real multiplier
 weights, the bias in output units). A Relu or Clip after a layer becomes its ``lo``/``hi``:
 quantizing is monotone, so ``Q(relu(y)) = max(Q(y), Q(0))`` exactly.
 
-The layer list is this backend's working form between the graph and the C++; nothing else uses it.
+The layer list (``layers``) is this backend's working form between the graph and the C++; nothing
+else uses it.
 """
 
 from __future__ import annotations
@@ -23,66 +24,41 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
+from slimgraph.backends.hls.layers import (
+    ConvParams,
+    DenseParams,
+    Format,
+    Layer,
+    LayerParams,
+    MergeParams,
+    PoolParams,
+    Requant,
+    SigmoidParams,
+    SoftmaxParams,
+    Tensor,
+    Weights,
+    Window,
+    bits_for,
+)
+from slimgraph.backends.hls.layout import to_hwc
 from slimgraph.errors import BackendError, UnsupportedOpError
 
 DEFAULT_PRECISION = "ap_fixed<16,6>"
 PRECISION = re.compile(r"ap_fixed<\s*([0-9]{1,2})\s*,\s*(-?[0-9]{1,2})\s*>")
 MULTIPLIER_BITS = 31
-ELEMENTWISE_UNARY = {"Relu", "Clip"}
-SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-SUPPORTED = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Add", "Concat",
-             "Sign", "Identity", "Sigmoid", "Softmax", *ELEMENTWISE_UNARY, *SHAPE_OPS}
 LUT_INDEX_BITS = 10  # lookup tables index by the top 10 bits of a wider input
 EXP_BITS = 16  # softmax's exp table: exp(-d) in unsigned 16-bit fixed point
 HINTS = {
     "BatchNormalization": "fold-constants folds it into the Conv/Gemm before it",
     "Dropout": "fold-constants removes it",
 }
-
-
-@dataclasses.dataclass
-class Format:
-    """How a tensor's raw integers map to reals: ``scale * (raw - zero_point)``."""
-
-    bits: int
-    signed: bool
-    scale: np.ndarray  # float64, shape () or (C,) (per channel: accumulator outputs only)
-    zero_point: int = 0
-
-    @property
-    def low(self) -> int:
-        return -(1 << (self.bits - 1)) if self.signed else 0
-
-    @property
-    def high(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
-
-    def code(self, real: float) -> int:
-        """The raw integer QuantizeLinear gives ``real`` (saturated); +-inf -> the type's ends."""
-        if real == math.inf:
-            return self.high
-        if real == -math.inf:
-            return self.low
-        return int(np.clip(np.rint(real / float(self.scale)) + self.zero_point, self.low, self.high))
-
-    def same(self, other: Format) -> bool:
-        return (self.bits, self.signed, self.zero_point) == (other.bits, other.signed,
-                                                             other.zero_point) and \
-            self.scale.shape == other.scale.shape and bool(np.all(self.scale == other.scale))
-
-    def describe(self) -> str:
-        kind = f"{'int' if self.signed else 'uint'}{self.bits}"
-        if self.scale.ndim:
-            return f"{kind}, per-channel scale"
-        return f"{kind}, scale {float(self.scale):.6g}, zero point {self.zero_point}"
 
 
 def fixed_format(width: int, integer: int) -> Format:
@@ -95,42 +71,6 @@ def parse_precision(text: str) -> tuple[int, int]:
         raise BackendError(f"hls: precision {text!r} is not ap_fixed<W,I> with 2 <= W <= 32 and "
                            "-32 <= I <= 64")
     return int(match.group(1)), int(match.group(2))
-
-
-@dataclasses.dataclass
-class Tensor:
-    """A buffer of the design: per-sample shape (C, H, W) or (N,), in C order."""
-
-    name: str
-    shape: tuple[int, ...]
-    fmt: Format
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-
-@dataclasses.dataclass
-class Requant:
-    """Per output channel: ``m / 2^shift`` and the value added after the shift."""
-
-    m: np.ndarray  # int64 (C,)
-    shift: np.ndarray  # int64 (C,)
-    post: np.ndarray  # int64 (C,)
-
-
-@dataclasses.dataclass
-class Layer:
-    kind: str  # conv, dense, maxpool, avgpool, add, concat, clamp, requant, sign
-    name: str
-    inputs: list[Tensor]
-    output: Tensor
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    lo: int = 0
-    hi: int = 0
-    requant: Requant | None = None
-    node: str = ""  # the ONNX node it came from
-    macs: int = 0
 
 
 def multiplier(real: np.ndarray, acc_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,11 +102,6 @@ def shared_multipliers(reals: list[float], acc_bits: int) -> tuple[list[int], in
     _, shift = multiplier(np.asarray([top]), acc_bits)
     s = int(shift[0])
     return [round(r * 2.0 ** s) for r in reals], s
-
-
-def bits_for(bound: float) -> int:
-    """Bits of a signed integer that holds every value of magnitude <= bound."""
-    return max(2, int(math.ceil(math.log2(bound + 1))) + 1)
 
 
 class Lowering:
@@ -232,8 +167,8 @@ class Lowering:
 
     def default_format(self, name: str) -> Format:
         layer = self.pending[name]
-        if layer.params.get("weight_kind") == "int8":  # an int8 layer's float result: its
-            return Format(32, True, np.asarray(layer.params["acc_scale"], np.float64))  # accumulator
+        if layer.weights is not None and layer.weights.kind == "int8":  # an int8 layer's float
+            return Format(32, True, np.asarray(layer.acc_scale, np.float64))  # result: its accumulator
         return fixed_format(*self.fixed)
 
     def new_tensor(self, name: str, shape: tuple[int, ...], fmt: Format) -> Tensor:
@@ -244,9 +179,8 @@ class Lowering:
         layer = self.pending.pop(name)
         layer.output = self.new_tensor(name, layer.output.shape, fmt)
         channels = layer.output.shape[0]
-        acc_bits = layer.params.get("acc_bits", 32)
         if layer.kind in ("sigmoid", "softmax"):
-            layer.params |= lookup_tables(layer, fmt)
+            layer.params = lookup_tables(layer, fmt)
             layer.output = self.new_tensor(name, layer.output.shape, fmt)
             layer.lo, layer.hi = fmt.low, fmt.high
             self.layers.append(layer)
@@ -254,22 +188,23 @@ class Lowering:
             return layer.output
         if layer.kind in ("add", "concat"):
             reals = [float(t.fmt.scale) / float(fmt.scale) for t in layer.inputs]
-            ms, shift = shared_multipliers(reals, acc_bits)
-            layer.params["m"] = ms  # per input; the shift is shared, applied after the sum
+            ms, shift = shared_multipliers(reals, layer.acc_bits)
+            layer.params = MergeParams(ms)  # per input; the shift is shared, applied after the sum
             layer.requant = Requant(np.ones(channels, np.int64), np.full(channels, shift),
                                     np.full(channels, fmt.zero_point))
         else:
-            real = np.broadcast_to(layer.params["acc_scale"], (channels,)) / np.broadcast_to(
+            real = np.broadcast_to(layer.acc_scale, (channels,)) / np.broadcast_to(
                 fmt.scale, (channels,))
             if fmt.scale.ndim:  # the accumulator is the output: no requantization
                 m, shift = np.ones(channels, np.int64), np.zeros(channels, np.int64)
             else:
-                m, shift = multiplier(real, acc_bits)
+                m, shift = multiplier(real, layer.acc_bits)
             post = np.full(channels, fmt.zero_point, np.int64)
-            if "bias_out" in layer.params:  # binary weights: the bias in output units
-                post = post + np.round(layer.params["bias_out"] / fmt.scale).astype(np.int64)
+            bias_out = layer.weights.bias_out if layer.weights is not None else None
+            if bias_out is not None:  # binary weights: the bias in output units
+                post = post + np.round(bias_out / fmt.scale).astype(np.int64)
             layer.requant = Requant(m, shift, post)
-        lo, hi = layer.params.get("clip", (-math.inf, math.inf))
+        lo, hi = layer.clip
         layer.lo, layer.hi = fmt.low, fmt.high
         if fmt.scale.ndim == 0:
             layer.lo, layer.hi = fmt.code(lo), fmt.code(hi)
@@ -291,7 +226,7 @@ class Lowering:
         for node in self.graph:
             if all(self.const(v) is not None for v in node.outputs):
                 continue
-            getattr(self, f"op_{node.op_type}", self.op_unsupported)(node)
+            LOWERINGS[node.op_type](self, node)  # check_supported let only these through
         outputs = [self.tensor(v) for v in self.graph.outputs]
         return self.inputs, outputs, self.layers
 
@@ -340,9 +275,6 @@ class Lowering:
         return Format(8, dtype == np.int8, np.asarray(float(scale.reshape(())), np.float64),
                       0 if zero is None else int(zero.reshape(())))
 
-    def op_unsupported(self, node: ir.Node) -> None:
-        raise UnsupportedOpError(f"hls: unsupported node {node.name!r} ({node.op_type})")
-
     def op_Identity(self, node: ir.Node) -> None:
         self.forward(node.inputs[0], node.outputs[0])
 
@@ -364,7 +296,7 @@ class Lowering:
             self.alias(node.outputs[0], tensor)
             return
         layer = Layer("requant", node.name, [tensor], tensor, node=node.name,
-                      params={"acc_scale": tensor.fmt.scale, "acc_bits": tensor.fmt.bits + 1})
+                      acc_scale=tensor.fmt.scale, acc_bits=tensor.fmt.bits + 1)
         self.pending[node.outputs[0].name] = layer
         self.alias(node.outputs[0], self.finalize(node.outputs[0].name, fmt))
 
@@ -388,8 +320,8 @@ class Lowering:
         source = node.inputs[0]
         if source.name in self.pending and len(list(source.uses())) == 1:
             layer = self.pending.pop(source.name)
-            old_lo, old_hi = layer.params.get("clip", (-math.inf, math.inf))
-            layer.params["clip"] = (max(lo, old_lo), min(hi, old_hi))
+            old_lo, old_hi = layer.clip
+            layer.clip = (max(lo, old_lo), min(hi, old_hi))
             self.pending[node.outputs[0].name] = layer
             return
         tensor = self.tensor(source)
@@ -405,8 +337,8 @@ class Lowering:
         if tensor.fmt.scale.ndim == 0 and tensor.fmt.bits <= 16:
             return tensor
         name = f"{node.name}_input"
-        self.pending[name] = Layer("requant", name, [tensor], tensor, node=node.name, params={
-            "acc_scale": tensor.fmt.scale, "acc_bits": tensor.fmt.bits + 1})
+        self.pending[name] = Layer("requant", name, [tensor], tensor, node=node.name,
+                                   acc_scale=tensor.fmt.scale, acc_bits=tensor.fmt.bits + 1)
         return self.finalize(name, fixed_format(*self.fixed))
 
     def op_Sigmoid(self, node: ir.Node) -> None:
@@ -448,44 +380,40 @@ class Lowering:
             self.channels_last[out.name] = tensor.shape  # a stream flattens in (H, W, C) order
         self.alias(node.outputs[0], out)
 
-    op_Reshape = op_Flatten = op_Squeeze = op_Unsqueeze = reshape
-
     def op_MaxPool(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
-        params = _pool_params(node, tensor.shape)
-        out = self.new_tensor(node.outputs[0].name, (tensor.shape[0], *params["out"]), tensor.fmt)
-        self.layers.append(Layer("maxpool", node.name, [tensor], out, params, tensor.fmt.low,
-                                 tensor.fmt.high, node=node.name))
-        self.alias(node.outputs[0], out)
+        self.maximum(node, tensor, _window(node, tensor.shape))
 
     def op_GlobalMaxPool(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
-        params = _global_params(tensor.shape)
-        out = self.new_tensor(node.outputs[0].name, (tensor.shape[0], 1, 1), tensor.fmt)
-        self.layers.append(Layer("maxpool", node.name, [tensor], out, params, tensor.fmt.low,
-                                 tensor.fmt.high, node=node.name))
+        self.maximum(node, tensor, _global_window(tensor.shape))
+
+    def maximum(self, node: ir.Node, tensor: Tensor, window: Window) -> None:
+        out = self.new_tensor(node.outputs[0].name, (tensor.shape[0], *window.out), tensor.fmt)
+        self.layers.append(Layer("maxpool", node.name, [tensor], out, PoolParams(window),
+                                 tensor.fmt.low, tensor.fmt.high, node=node.name))
         self.alias(node.outputs[0], out)
 
-    def average(self, node: ir.Node, params: dict[str, Any]) -> None:
+    def average(self, node: ir.Node, window: Window) -> None:
         tensor = self.tensor(node.inputs[0])
-        count = params["kernel"][0] * params["kernel"][1]
-        shape = (tensor.shape[0], *params["out"])
+        count = window.kernel[0] * window.kernel[1]
+        shape = (tensor.shape[0], *window.out)
         if node.op_type == "ReduceMean" and node.attributes.get_int("keepdims", 1) == 0:
             shape = (tensor.shape[0],)
-        params |= {"acc_scale": tensor.fmt.scale / count,
-                   "acc_bits": bits_for(count * (tensor.fmt.high - tensor.fmt.low))}
         self.pending[node.outputs[0].name] = Layer(
-            "avgpool", node.name, [tensor], Tensor("", shape, tensor.fmt), params, node=node.name)
+            "avgpool", node.name, [tensor], Tensor("", shape, tensor.fmt), PoolParams(window),
+            node=node.name, acc_scale=tensor.fmt.scale / count,
+            acc_bits=bits_for(count * (tensor.fmt.high - tensor.fmt.low)))
 
     def op_AveragePool(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
-        params = _pool_params(node, tensor.shape)
-        if any(params["pads"]):
+        window = _window(node, tensor.shape)
+        if any(window.pads):
             raise BackendError(f"hls: {node.name!r}: padded AveragePool is not supported")
-        self.average(node, params)
+        self.average(node, window)
 
     def op_GlobalAveragePool(self, node: ir.Node) -> None:
-        self.average(node, _global_params(self.tensor(node.inputs[0]).shape))
+        self.average(node, _global_window(self.tensor(node.inputs[0]).shape))
 
     def op_ReduceMean(self, node: ir.Node) -> None:
         tensor = self.tensor(node.inputs[0])
@@ -495,7 +423,7 @@ class Lowering:
             axes = None if attr is None else np.asarray(attr.as_ints())
         if axes is None or len(tensor.shape) != 3 or sorted(int(a) % 4 for a in axes) != [2, 3]:
             raise BackendError(f"hls: {node.name!r}: ReduceMean is supported over H and W only")
-        self.average(node, _global_params(tensor.shape))
+        self.average(node, _global_window(tensor.shape))
 
     def op_Add(self, node: ir.Node) -> None:
         a, b = (self.tensor(v) for v in node.inputs)
@@ -505,7 +433,7 @@ class Lowering:
         bound = max(t.fmt.high - t.fmt.low for t in (a, b))
         self.pending[node.outputs[0].name] = Layer(
             "add", node.name, [a, b], Tensor("", a.shape, a.fmt), node=node.name,
-            params={"acc_bits": bits_for(bound) + MULTIPLIER_BITS + 1})
+            acc_bits=bits_for(bound) + MULTIPLIER_BITS + 1)
 
     def op_Concat(self, node: ir.Node) -> None:
         parts = [self.tensor(v) for v in node.inputs]
@@ -517,7 +445,7 @@ class Lowering:
         bound = max(p.fmt.high - p.fmt.low for p in parts)
         self.pending[node.outputs[0].name] = Layer(
             "concat", node.name, parts, Tensor("", shape, parts[0].fmt), node=node.name,
-            params={"acc_bits": bits_for(bound) + MULTIPLIER_BITS + 1})
+            acc_bits=bits_for(bound) + MULTIPLIER_BITS + 1)
 
     def weights(self, node: ir.Node, value: ir.Value, x: Tensor,
                 channels_axis: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -545,7 +473,9 @@ class Lowering:
         return q, np.full(w.shape[channels_axis], 2.0 ** -frac), "fixed"
 
     def linear(self, node: ir.Node, kind: str, x: Tensor, q: np.ndarray, w_scale: np.ndarray,
-               w_kind: str, bias: ir.Value | None, params: dict[str, Any]) -> None:
+               w_kind: str, bias: ir.Value | None, shape: tuple[int, ...],
+               params: Callable[[Weights], LayerParams]) -> None:
+        """A pending conv or dense layer; ``params`` makes its parameters from its weights."""
         channels = q.shape[0]
         if x.fmt.scale.ndim:
             raise BackendError(f"hls: {node.name!r} ({node.op_type}) reads a float result with one "
@@ -553,6 +483,7 @@ class Lowering:
                                "quantize this layer too, or the layer before it not at all")
         acc_scale = float(x.fmt.scale) * w_scale
         bias_acc = np.zeros(channels, np.int64)
+        bias_out = None
         if bias is not None:
             found = self.dequantized_weight(bias)
             b = self.const(bias)
@@ -563,29 +494,27 @@ class Lowering:
                                                  acc_scale, rtol=1e-6, atol=0):
                 bias_acc = found[0].reshape(-1)
             elif w_kind == "binary":
-                params["bias_out"] = b
+                bias_out = b
             else:
                 bias_acc = np.rint(b / acc_scale).astype(np.int64)
         span = max(abs(x.fmt.low - x.fmt.zero_point), abs(x.fmt.high - x.fmt.zero_point))
         per_output = np.abs(q.reshape(channels, -1)).sum(axis=1)
         bound = float((per_output * span + np.abs(bias_acc)).max())
-        params |= {"weight": q, "weight_kind": w_kind, "bias": bias_acc, "acc_scale": acc_scale,
-                   "acc_bits": bits_for(bound)}
-        shape = params.pop("out_shape")
         macs = int(np.prod(q.shape[1:])) * int(np.prod(shape))
-        self.pending[node.outputs[0].name] = Layer(kind, node.name, [x], Tensor("", shape, x.fmt),
-                                                   params, node=node.name, macs=macs)
+        self.pending[node.outputs[0].name] = Layer(
+            kind, node.name, [x], Tensor("", shape, x.fmt),
+            params(Weights(q, w_kind, bias_acc, bias_out)), node=node.name, macs=macs,
+            acc_scale=acc_scale, acc_bits=bits_for(bound))
 
     def op_Conv(self, node: ir.Node) -> None:
         x = self.tensor(node.inputs[0])
         q, scale, kind = self.weights(node, node.inputs[1], x, 0)
-        params = _pool_params(node, x.shape, kernel=tuple(q.shape[2:]))
+        window = _window(node, x.shape, kernel=tuple(q.shape[2:]))
         groups = node.attributes.get_int("group", 1)
         if q.shape[1] * groups != x.shape[0]:
             raise BackendError(f"hls: {node.name!r}: weight {q.shape} does not fit input {x.shape}")
-        params |= {"groups": groups, "out_shape": (q.shape[0], *params["out"])}
         self.linear(node, "conv", x, q, scale, kind, node.inputs[2] if len(node.inputs) > 2 else None,
-                    params)
+                    (q.shape[0], *window.out), lambda weights: ConvParams(weights, window, groups))
 
     def op_Gemm(self, node: ir.Node) -> None:
         if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0 \
@@ -608,12 +537,26 @@ class Lowering:
             raise BackendError(f"hls: {node.name!r}: weight {q.shape} does not fit input {x.shape}")
         source = self.channels_last.get(x.name) if x.shape != self.source_shape(x) else None
         if source is not None:  # the stream delivers (H, W, C): reorder the weight's columns
-            c, h, w = source
-            q = q.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(q.shape[0], -1)
-        self.linear(node, "dense", x, q, scale, kind, bias, {"out_shape": (q.shape[0],)})
+            q = to_hwc(q.reshape(-1, *source)).reshape(q.shape[0], -1)
+        self.linear(node, "dense", x, q, scale, kind, bias, (q.shape[0],), DenseParams)
 
     def source_shape(self, tensor: Tensor) -> tuple[int, ...]:
         return self.channels_last.get(tensor.name, tensor.shape)
+
+
+# The ONNX ops the backend lowers, each to the method that lowers it.
+LOWERINGS: dict[str, Callable[[Lowering, ir.Node], None]] = {
+    "QuantizeLinear": Lowering.op_QuantizeLinear, "DequantizeLinear": Lowering.op_DequantizeLinear,
+    "Conv": Lowering.op_Conv, "Gemm": Lowering.op_Gemm, "MatMul": Lowering.op_MatMul,
+    "MaxPool": Lowering.op_MaxPool, "GlobalMaxPool": Lowering.op_GlobalMaxPool,
+    "AveragePool": Lowering.op_AveragePool, "GlobalAveragePool": Lowering.op_GlobalAveragePool,
+    "ReduceMean": Lowering.op_ReduceMean, "Add": Lowering.op_Add, "Concat": Lowering.op_Concat,
+    "Sign": Lowering.op_Sign, "Identity": Lowering.op_Identity, "Sigmoid": Lowering.op_Sigmoid,
+    "Softmax": Lowering.op_Softmax, "Relu": Lowering.op_Relu, "Clip": Lowering.op_Clip,
+    "Reshape": Lowering.reshape, "Flatten": Lowering.reshape, "Squeeze": Lowering.reshape,
+    "Unsqueeze": Lowering.reshape,
+}
+SUPPORTED = frozenset(LOWERINGS)
 
 
 @dataclasses.dataclass
@@ -647,7 +590,7 @@ def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -
     return Lowered(inputs, outputs, layers, quantized, io == "stream", precision)
 
 
-def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
+def lookup_tables(layer: Layer, out: Format) -> SigmoidParams | SoftmaxParams:
     """Sigmoid: out.code(sigmoid(x)) for each input code (or each bin of ``2^drop`` codes, read at
     its centre). Softmax: exp(-d) in 16-bit fixed point for each distance d (in input codes,
     binned the same way) from the row's maximum, and the divider ``m = round(2^16 / s_out)``:
@@ -660,14 +603,14 @@ def lookup_tables(layer: Layer, out: Format) -> dict[str, Any]:
         raw = fmt.low + (np.arange(entries) << drop) + centre
         real = float(fmt.scale) * (raw - fmt.zero_point)
         table = [out.code(float(v)) for v in 1.0 / (1.0 + np.exp(-real))]
-        return {"drop": drop, "table": np.asarray(table, np.int64)}
+        return SigmoidParams(drop, np.asarray(table, np.int64))
     distance = (np.arange(entries) << drop) + (centre if drop else 0)
     table = np.rint(np.exp(-float(fmt.scale) * distance) * (1 << EXP_BITS)).astype(np.int64)
-    return {"drop": drop, "table": table, "divider": round(2.0 ** EXP_BITS / float(out.scale))}
+    return SoftmaxParams(drop, table, round(2.0 ** EXP_BITS / float(out.scale)))
 
 
-def _pool_params(node: ir.Node, shape: tuple[int, ...], kernel: tuple[int, ...] | None = None
-                 ) -> dict[str, Any]:
+def _window(node: ir.Node, shape: tuple[int, ...], kernel: tuple[int, ...] | None = None
+            ) -> Window:
     if len(shape) != 3:
         raise BackendError(f"hls: {node.name!r}: expects a [C, H, W] input, got {shape}")
     attrs = node.attributes
@@ -682,12 +625,12 @@ def _pool_params(node: ir.Node, shape: tuple[int, ...], kernel: tuple[int, ...] 
     _, h, w = shape
     out = ((h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1,
            (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1)
-    return {"kernel": kernel, "strides": strides, "pads": pads, "out": out, "in": shape}
+    return Window(kernel, strides, pads, out)
 
 
-def _global_params(shape: tuple[int, ...]) -> dict[str, Any]:
+def _global_window(shape: tuple[int, ...]) -> Window:
     _, h, w = shape
-    return {"kernel": (h, w), "strides": (1, 1), "pads": (0, 0, 0, 0), "out": (1, 1), "in": shape}
+    return Window((h, w), (1, 1), (0, 0, 0, 0), (1, 1))
 
 
 def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> list[np.ndarray]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimgraph.backends.hls.lower import Format, Layer, Lowered
+from slimgraph.backends.hls.layers import Format, Layer, Window
+from slimgraph.backends.hls.layout import to_hwc
+from slimgraph.backends.hls.lower import Lowered
 
 
 def rounding_shift(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -39,14 +41,14 @@ def _channel(values: np.ndarray, ndim: int) -> np.ndarray:
     return values.reshape((-1,) + (1,) * (ndim - 2))
 
 
-def _windows(x: np.ndarray, params: dict, fill: int) -> np.ndarray:
+def _windows(x: np.ndarray, window: Window, fill: int) -> np.ndarray:
     """[B, C, H, W] -> [B, C, HO, WO, KH, KW] after padding with ``fill``."""
-    top, left, bottom, right = params["pads"]
+    top, left, bottom, right = window.pads
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
-    kh, kw = params["kernel"]
-    sh, sw = params["strides"]
+    kh, kw = window.kernel
+    sh, sw = window.strides
     view = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
-    return view[:, :, ::sh, ::sw][:, :, :params["out"][0], :params["out"][1]]
+    return view[:, :, ::sh, ::sw][:, :, :window.out[0], :window.out[1]]
 
 
 def _requantize(layer: Layer, acc: np.ndarray) -> np.ndarray:
@@ -61,8 +63,8 @@ def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
     if kind in ("conv", "dense", "avgpool", "requant"):
         x = args[0] - layer.inputs[0].fmt.zero_point
         if kind == "conv":
-            windows = _windows(x, p, 0)  # a padded position is the real value 0
-            groups, weight = p["groups"], p["weight"]
+            windows = _windows(x, p.window, 0)  # a padded position is the real value 0
+            groups, weight = p.groups, p.weights.q
             b, c, ho, wo = windows.shape[:4]
             per = c // groups
             w = weight.reshape(groups, -1, per, *weight.shape[2:])
@@ -70,33 +72,33 @@ def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
             acc = np.einsum("bgchwij,gocij->bgohw", win, w).reshape(b, -1, ho, wo)
         elif kind == "dense":
             if stream and x.ndim == 4:
-                x = x.transpose(0, 2, 3, 1)
-            acc = x.reshape(len(x), -1) @ p["weight"].T
+                x = to_hwc(x)
+            acc = x.reshape(len(x), -1) @ p.weights.q.T
         elif kind == "avgpool":
-            acc = _windows(x, p, 0).sum(axis=(4, 5))
+            acc = _windows(x, p.window, 0).sum(axis=(4, 5))
             acc = acc.reshape((len(x), *layer.output.shape))
         else:
             acc = x.reshape((len(x), *layer.output.shape))
-        if "bias" in p:
-            acc = acc + _channel(p["bias"], acc.ndim)
+        if layer.weights is not None:
+            acc = acc + _channel(layer.weights.bias, acc.ndim)
         return _requantize(layer, acc)
     if kind in ("add", "concat"):
-        parts = [m * (a - t.fmt.zero_point) for m, a, t in zip(p["m"], args, layer.inputs,
+        parts = [m * (a - t.fmt.zero_point) for m, a, t in zip(p.m, args, layer.inputs,
                                                               strict=True)]
         acc = sum(parts) if kind == "add" else np.concatenate(parts, axis=1)
         return _requantize(layer, acc)
     if kind == "maxpool":
-        return _windows(args[0], p, np.iinfo(np.int64).min).max(axis=(4, 5))
+        return _windows(args[0], p.window, np.iinfo(np.int64).min).max(axis=(4, 5))
     if kind == "clamp":
         return np.clip(args[0], layer.lo, layer.hi)
     if kind == "sigmoid":
-        return p["table"][(args[0] - layer.inputs[0].fmt.low) >> p["drop"]]
+        return p.table[(args[0] - layer.inputs[0].fmt.low) >> p.drop]
     if kind == "softmax":
         x = args[0]
-        distance = (x.max(axis=1, keepdims=True) - x) >> p["drop"]
-        e = p["table"][np.minimum(distance, len(p["table"]) - 1)]
+        distance = (x.max(axis=1, keepdims=True) - x) >> p.drop
+        e = p.table[np.minimum(distance, len(p.table) - 1)]
         total = e.sum(axis=1, keepdims=True) << 16
-        y = (e * p["divider"] + total // 2) // total + layer.output.fmt.zero_point
+        y = (e * p.divider + total // 2) // total + layer.output.fmt.zero_point
         return np.clip(y, layer.lo, layer.hi)
     if kind == "sign":
         return np.sign(args[0] - layer.inputs[0].fmt.zero_point)
