@@ -14,12 +14,11 @@ from rich.table import Table
 import slimgraph
 from slimgraph.errors import SlimgraphError
 
+_MODEL_HELP = ("an .onnx file, a Hugging Face model folder, package.module:callable returning a "
+               "torch module, or a built-in")
+
 
 def _parser() -> argparse.ArgumentParser:
-    from slimgraph.backends import BACKENDS
-    from slimgraph.bench import DEFAULT_PEERS
-    from slimgraph.frontend import DEFAULT_MODEL
-
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="slimgraph", description="Make trained models cheaper to run, verified.",
@@ -27,12 +26,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimgraph {slimgraph.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_export_command(sub, fmt)
+    _add_inspect_command(sub, fmt)
+    _add_bench_command(sub, fmt)
+    _add_advise_command(sub, fmt)
+    _add_partition_command(sub, fmt)
+    _add_run_command(sub, fmt)
+    for name, what in (("passes", "the registered passes and recipes"),
+                       ("backends", "the backends and whether they run here")):
+        p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
+        p.add_argument("--json", action="store_true", help="print JSON to stdout")
+    return parser
 
-    model_help = ("an .onnx file, a Hugging Face model folder, package.module:callable returning a "
-                  "torch module, or a built-in")
+
+def _add_export_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    from slimgraph.backends import BACKENDS
+    from slimgraph.frontend import DEFAULT_MODEL
+
     exp = sub.add_parser("export", help="export MODEL to a verified artifact directory",
                          formatter_class=fmt)
-    exp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    exp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=_MODEL_HELP)
     exp.add_argument("-o", "--out", default="slimgraph-out", help="artifact directory to write")
     spec = exp.add_mutually_exclusive_group()
     spec.add_argument("--passes", metavar="SPEC", help="e.g. fold-constants (see `slimgraph passes`)")
@@ -56,9 +69,13 @@ def _parser() -> argparse.ArgumentParser:
                           "unverified")
     _add_output_flags(exp)
 
+
+def _add_inspect_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    from slimgraph.frontend import DEFAULT_MODEL
+
     ins = sub.add_parser("inspect", help="ops, parameters, bytes and MACs of MODEL",
                          formatter_class=fmt)
-    ins.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    ins.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=_MODEL_HELP)
     ins.add_argument("--input", action="append", default=[], metavar="NAME=DxDxD")
     ins.add_argument("--batch", type=int, default=1, help="batch size that MACs are counted at")
     ins.add_argument("--json", action="store_true", help="print JSON to stdout")
@@ -68,9 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="also show the residual blocks and transformer layers that "
                           "prune-layers can remove")
 
+
+def _add_bench_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    from slimgraph.bench import DEFAULT_PEERS
+    from slimgraph.frontend import DEFAULT_MODEL
+
     b = sub.add_parser("bench", help="compare backends and variants of MODEL side by side",
                        formatter_class=fmt)
-    b.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    b.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=_MODEL_HELP)
     b.add_argument("-o", "--out", default="slimgraph-bench", help="results directory to write")
     b.add_argument("--backends", default="ort-cpu", help="comma-separated backend names")
     b.add_argument("--variants", default="fp32",
@@ -88,9 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(b)
 
+
+def _add_advise_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    from slimgraph.frontend import DEFAULT_MODEL
+
     adv = sub.add_parser("advise", help="which device, precision and backend serve MODEL "
                          "cheapest (roofline bounds, calibrated on this CPU)", formatter_class=fmt)
-    adv.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + "; or an artifact")
+    adv.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=_MODEL_HELP + "; or an artifact")
     adv.add_argument("--batch", type=int, default=1)
     adv.add_argument("--slo-ms", type=float, help="latency objective per batch")
     adv.add_argument("--precisions", default="fp32,fp16,bf16,int8",
@@ -103,9 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(adv)
 
+
+def _add_partition_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
     part = sub.add_parser("partition", help="cut MODEL into pipeline stages balanced by measured "
                           "time (or weight bytes), each a valid ONNX model", formatter_class=fmt)
-    part.add_argument("model", help=model_help + "; or an artifact")
+    part.add_argument("model", help=_MODEL_HELP + "; or an artifact")
     part.add_argument("--stages", type=int, help="number of stages (default with "
                       "--max-stage-bytes: the fewest that fit)")
     part.add_argument("--balance", default="time", help="time or memory (weight bytes)")
@@ -118,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(part)
 
+
+def _add_run_command(sub, fmt: type[argparse.HelpFormatter]) -> None:
     r = sub.add_parser("run", help="batch inference of an artifact over a dataset: one process, "
                        "Ray replicas (--workers) or a Ray pipeline (a partitioned artifact)",
                        formatter_class=fmt)
@@ -135,12 +165,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="run a partitioned artifact's stages in order in this process")
     r.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_output_flags(r)
-
-    for name, what in (("passes", "the registered passes and recipes"),
-                       ("backends", "the backends and whether they run here")):
-        p = sub.add_parser(name, help=f"list {what}", formatter_class=fmt)
-        p.add_argument("--json", action="store_true", help="print JSON to stdout")
-    return parser
 
 
 def _add_folder_flags(parser: argparse.ArgumentParser) -> None:

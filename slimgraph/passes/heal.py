@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -21,6 +21,10 @@ import onnx_ir as ir
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.report import Tolerance
+
+if TYPE_CHECKING:
+    from slimgraph.heal.module import GraphModule
+    from slimgraph.heal.train import TrainConfig, TrainStats
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +115,8 @@ class HealWeightsPass(SlimgraphPass):
         import torch
 
         from slimgraph.heal.data import sequence_trimmable
-        from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
-        from slimgraph.heal.module import GraphModule, layer_taps
-        from slimgraph.heal.train import TrainConfig, resolve_loss, text_lengths, train, used_indices
+        from slimgraph.heal.module import GraphModule
+        from slimgraph.heal.train import TrainConfig, resolve_loss, text_lengths, used_indices
 
         started = time.perf_counter()
         data = self.training
@@ -123,63 +126,24 @@ class HealWeightsPass(SlimgraphPass):
         module = GraphModule(model, learn_scales=self.learn_scales)  # refuses unknown ops first
         originals = {v.name: v.const_value for v in model.graph.initializers.values()}
         before = score(model, data)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        if device == "cuda" and not torch.cuda.is_available():
-            raise PipelineSpecError("heal:device=cuda: torch sees no CUDA device here "
-                                    "(device=auto uses one where present)")
+        device = self._training_device()
         precision, why = resolve_precision(self.precision, device)
         trim = sequence_trimmable(model) and sequence_trimmable(data.teacher_model)
         config = TrainConfig(self.steps, self.lr, self.batch, self.temperature, self.alpha,
                              self.loss, self.seed, device, self.hidden, precision, trim,
                              self.eval_every)
-        teacher_module = None
-        if self.hidden > 0:
-            taps = layer_taps(model, data.teacher_model)
-            if not taps:
-                raise PipelineSpecError("heal:hidden=: no LayerNormalization output of this graph "
-                                        "is computed under the same name by the source graph")
-            module.taps = taps
-            teacher_module = GraphModule(data.teacher_model).eval()
-            teacher_module.taps = taps
-            self.report.count("hidden_states_matched", len(taps))
+        teacher_module = self._hidden_state_teacher(model, module, data)
         loss = resolve_loss(self.loss, data.task)
         lengths = text_lengths(data.inputs) if trim else None
         used = used_indices(len(data), config, lengths)  # the teacher runs on these samples only
         teacher = data.teacher_outputs(used, trim=trim)[0]
         labels = data.labels if loss == "kd" else None
         torch.manual_seed(self.seed)
-        if joined_job():
-            stats = train_rank(module, data.inputs, teacher, labels, config, loss, teacher_module)
-        elif self.workers > 1:
-            weights, stats = train_with_workers(model, data.inputs, teacher, labels, config, loss,
-                                                self.workers, self.learn_scales,
-                                                data.teacher_model if teacher_module else None)
-            module.load_weights(weights)
-        else:
-            module.to(device)
-            if teacher_module is not None:
-                teacher_module.to(device)
-            with _progress(self.steps, self.on_progress) as on_step:
-                stats = train(module, data.inputs, teacher, labels, config, loss,
-                              groups=module.parameter_groups(), on_step=on_step,
-                              teacher_module=teacher_module,
-                              evaluate=_held_out_scorer(data, trim, device))
+        stats = self._train(model, module, data, teacher, labels, config, loss, teacher_module)
         module.to("cpu")
         changed = module.write_back()
         after = score(model, data)
-        self.report.count("steps", stats.steps)
-        self.report.count("workers", stats.workers)
-        self.report.count("initializers_changed", changed)
-        total = time.perf_counter() - started
-        self.report.timing = {"training": round(stats.seconds, 2),
-                              "outside_training": round(total - stats.seconds, 2),
-                              "samples_per_s": round(stats.samples_per_s, 1)}
-        if stats.curve:
-            self.report.curve = [{"step": step, "training_seconds": round(seconds, 2),
-                                  "score": round(value, 4)} for step, seconds, value in stats.curve]
-            self.report.notes.append(f"held-out {after.metric} of the torch module by step: "
-                                     + ", ".join(f"{step} {value:.4f}"
-                                                 for step, _, value in stats.curve))
+        self._report_training(stats, changed, time.perf_counter() - started, after)
         self.report.notes.append(f"precision {precision} ({why}); batches "
                                  + ("cut to their longest text, grouped by length" if trim else
                                     "at the inputs' full length"))
@@ -195,16 +159,86 @@ class HealWeightsPass(SlimgraphPass):
         if data.warning:
             self.report.notes.append(f"WARNING: {data.warning}")
         if after.value < before.value:
-            for value in model.graph.initializers.values():
-                if value.name in originals:
-                    value.const_value = originals[value.name]
-            self.report.notes.append(
-                f"WARNING: heal made the held-out {before.metric} worse ({before.value:.4f} -> "
-                f"{after.value:.4f}); the weights were left as they were (try a lower lr or more steps)"
-            )
+            self._undo(model, originals, before, after)
             changed = 0
         logger.info("%s", self.report.notes[-1])
         return ir.passes.PassResult(model, changed > 0)
+
+    def _training_device(self) -> str:
+        """``device``, with ``auto`` resolved to cuda where torch sees one, else cpu."""
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise PipelineSpecError("heal:device=cuda: torch sees no CUDA device here "
+                                    "(device=auto uses one where present)")
+        return device
+
+    def _hidden_state_teacher(self, model: ir.Model, module: GraphModule, data: Any) -> GraphModule | None:
+        """With ``hidden``: the source graph as a module, it and ``module`` tapped at the
+        LayerNormalization outputs both compute under the same name; else None."""
+        from slimgraph.heal.module import GraphModule, layer_taps
+
+        if not self.hidden > 0:
+            return None
+        taps = layer_taps(model, data.teacher_model)
+        if not taps:
+            raise PipelineSpecError("heal:hidden=: no LayerNormalization output of this graph "
+                                    "is computed under the same name by the source graph")
+        module.taps = taps
+        teacher_module = GraphModule(data.teacher_model).eval()
+        teacher_module.taps = taps
+        self.report.count("hidden_states_matched", len(taps))
+        return teacher_module
+
+    def _train(self, model: ir.Model, module: GraphModule, data: Any, teacher: Any, labels: Any,
+               config: TrainConfig, loss: str, teacher_module: GraphModule | None) -> TrainStats:
+        """Train ``module`` as this rank of a torchrun job, on ``workers`` local processes, or in
+        this process (with progress and the held-out curve)."""
+        from slimgraph.heal.distributed import joined_job, train_rank, train_with_workers
+        from slimgraph.heal.train import train
+
+        if joined_job():
+            return train_rank(module, data.inputs, teacher, labels, config, loss, teacher_module)
+        if self.workers > 1:
+            weights, stats = train_with_workers(model, data.inputs, teacher, labels, config, loss,
+                                                self.workers, self.learn_scales,
+                                                data.teacher_model if teacher_module else None)
+            module.load_weights(weights)
+            return stats
+        module.to(config.device)
+        if teacher_module is not None:
+            teacher_module.to(config.device)
+        with _progress(self.steps, self.on_progress) as on_step:
+            return train(module, data.inputs, teacher, labels, config, loss,
+                         groups=module.parameter_groups(), on_step=on_step,
+                         teacher_module=teacher_module,
+                         evaluate=_held_out_scorer(data, config.trim, config.device))
+
+    def _report_training(self, stats: TrainStats, changed: int, total: float, after: Score) -> None:
+        """Counts and timing of a finished training, and its held-out curve where it has one."""
+        self.report.count("steps", stats.steps)
+        self.report.count("workers", stats.workers)
+        self.report.count("initializers_changed", changed)
+        self.report.timing = {"training": round(stats.seconds, 2),
+                              "outside_training": round(total - stats.seconds, 2),
+                              "samples_per_s": round(stats.samples_per_s, 1)}
+        if stats.curve:
+            self.report.curve = [{"step": step, "training_seconds": round(seconds, 2),
+                                  "score": round(value, 4)} for step, seconds, value in stats.curve]
+            self.report.notes.append(f"held-out {after.metric} of the torch module by step: "
+                                     + ", ".join(f"{step} {value:.4f}"
+                                                 for step, _, value in stats.curve))
+
+    def _undo(self, model: ir.Model, originals: dict[str, Any], before: Score, after: Score) -> None:
+        """Put the initializers back as they were before the heal, with a warning."""
+        for value in model.graph.initializers.values():
+            if value.name in originals:
+                value.const_value = originals[value.name]
+        self.report.notes.append(
+            f"WARNING: heal made the held-out {before.metric} worse ({before.value:.4f} -> "
+            f"{after.value:.4f}); the weights were left as they were (try a lower lr or more steps)"
+        )
 
 
 def resolve_precision(precision: str, device: str) -> tuple[str, str]:

@@ -114,65 +114,23 @@ class InsertQDQPass(SlimgraphPass):
         rounding: str = "gptq",
         guard: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-        if calib not in CALIBRATORS:
-            raise ValueError(f"unknown calib {calib!r}; valid: {', '.join(CALIBRATORS)}")
-        if activations not in ACTIVATION_TYPES:
-            raise ValueError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATION_TYPES)}")
-        if not 50.0 < percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
-        if tolerance is not None and not 0.0 < tolerance <= 1.0:
-            raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
-        if weight_scales not in WEIGHT_SCALES:
-            raise ValueError(f"unknown weight_scales {weight_scales!r}; valid: {', '.join(WEIGHT_SCALES)}")
-        if format not in INT4_FORMATS:
-            raise ValueError(f"unknown format {format!r}; valid: {', '.join(INT4_FORMATS)}")
-        if format != "qdq" and mode != "int4":
-            raise ValueError("format=nbits (com.microsoft MatMulNBits) applies to int4 only")
-        if smooth is not None and smooth != "auto" and not (
-                isinstance(smooth, (int, float)) and 0.0 < smooth <= 1.0):
-            raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1] or auto, "
-                             f"got {smooth!r}")
-        if max_float is not None and max_float < 0:
-            raise ValueError(f"max_float is a number of layers >= 0, got {max_float}")
-        if dynamic and activations == "s8":
-            raise ValueError("dynamic=true quantizes activations to uint8 (DynamicQuantizeLinear)")
+        _check_options(mode, dynamic, calib, percentile, activations, reduce_range, tolerance, block,
+                       smooth, max_float, format, weight_scales, acts, embeddings, rounding)
         self.mode = mode
         self.dynamic = dynamic
         self.calib = calib
         self.percentile = percentile
         self.activations = activations
         self.reduce_range = reduce_range
-        self.tolerance = (
-            INT8_TOLERANCE if tolerance is None
-            else dataclasses.replace(INT8_TOLERANCE, min_cosine=min(tolerance, INT8_TOLERANCE.min_cosine))
-        )
+        self.tolerance = _declared_tolerance(mode, tolerance)
         self.guard_cosine = tolerance
         # On by default for int8 at its declared tolerance; tolerance= turns it on in every mode.
         self.guard = tolerance is not None or (guard and mode == "int8")
         self.fallen: list[str] = []
         self.exclude = list(exclude or [])
-        if block not in BLOCK_SIZES:
-            raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
-        if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None
-                               or weight_scales != "auto"):
-            raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations, reduce_range "
-                             "and weight_scales apply to int8")
-        if mode == "binary" and smooth is not None:
-            raise ValueError("smooth applies to int8 and int4: binary weights keep one scale per "
-                             "output channel, which a per-input-channel smoothing would break")
         self.block = block
         self.weight_scales = weight_scales
-        if acts not in ("float", "binary"):
-            raise ValueError(f"unknown acts {acts!r}; valid: float, binary")
-        if acts == "binary" and mode != "binary":
-            raise ValueError("acts=binary (sign activations, XNOR networks) applies to mode binary")
         self.acts = acts
-        if embeddings not in ("int8", "float"):
-            raise ValueError(f"unknown embeddings {embeddings!r}; valid: int8, float")
         self.embeddings = embeddings
         self.format = format
         self.rounding = rounding
@@ -182,12 +140,6 @@ class InsertQDQPass(SlimgraphPass):
         self.needs_calibration = (
             (mode == "int8" and not dynamic) or tolerance is not None or smooth is not None
         )
-        if mode == "int4":
-            self.tolerance = INT4_TOLERANCE if tolerance is None else dataclasses.replace(
-                INT4_TOLERANCE, min_cosine=tolerance)
-        elif mode == "binary":
-            self.tolerance = BINARY_TOLERANCE if tolerance is None else dataclasses.replace(
-                BINARY_TOLERANCE, min_cosine=tolerance)
         super().__init__()
 
     def options(self) -> dict:
@@ -372,29 +324,12 @@ class InsertQDQPass(SlimgraphPass):
         budget = (max(1, -(-len(active) * GUARD_FLOAT_SHARE_PCT // 100)) if self.max_float is None
                   else self.max_float)
         budget = min(budget, len(active))
-        ranked: list[str] = []
-        if budget:
-            base = rank_cosine(keep_float)
-            gains = {x: rank_cosine(keep_float | {x}) - base for x in active}
-            ranked = sorted(active, key=lambda x: -gains[x])
-            self.report.notes.append(
-                "layer sensitivity (cosine gained when kept float alone): "
-                + ", ".join(f"{x}=+{max(gains[x], 0.0):.2g}" for x in ranked[:budget])
-            )
-        # The shortest prefix of the ranking that holds: binary search on its length.
-        low, high, best = 1, budget, None
-        results: dict[int, tuple[list[str], list]] = {}
-        while low <= high:
-            mid = (low + high) // 2
-            results[mid] = failures(keep_float | set(ranked[:mid]))
-            if results[mid][0]:
-                low = mid + 1
-            else:
-                best, high = mid, mid - 1
-        count = best if best is not None else budget
+        ranked = self._rank_by_sensitivity(active, budget, keep_float, rank_cosine)
+        count, result = _shortest_holding_prefix(
+            budget, lambda n: failures(keep_float | set(ranked[:n])))
         fallen = ranked[:count]
         if count:
-            missed, metrics = results.get(count) or failures(keep_float | set(fallen))
+            missed, metrics = result or failures(keep_float | set(fallen))
         self.fallen = fallen
         verdict = "holds" if not missed else "STILL MISSED"
         self.report.notes.append(
@@ -404,16 +339,38 @@ class InsertQDQPass(SlimgraphPass):
         )
         keep_float = keep_float | set(fallen)
         if missed:
-            cosines = tensor_cosines(model, built(keep_float), data[:4], dtypes)
-            first = next((d for d in cosines if d.cosine < target.min_cosine), None)
-            lowest = min(cosines, key=lambda d: d.cosine, default=None)
-            where = (first.describe() if first else "none below the cosine tolerance"
-                     + (f"; the lowest: {lowest.describe()}" if lowest else ""))
-            self.report.notes.append(
-                f"WARNING: accuracy guard: tolerance {_describe_tolerance(target, self.check_top1)} "
-                f"missed ({'; '.join(missed)}); first diverging tensor: {where}")
-            logger.warning("quantize: tolerance missed; first diverging tensor: %s", where)
+            self._report_divergence(model, built(keep_float), data, dtypes, target, missed)
         return keep_float
+
+    def _rank_by_sensitivity(self, active: list[str], budget: int, keep_float: set[str],
+                             rank_cosine) -> list[str]:
+        """The ``active`` layers, the one whose keeping float alone gains the most cosine first
+        (none where ``budget`` is 0); notes the gains of the first ``budget``."""
+        if not budget:
+            return []
+        base = rank_cosine(keep_float)
+        gains = {x: rank_cosine(keep_float | {x}) - base for x in active}
+        ranked = sorted(active, key=lambda x: -gains[x])
+        self.report.notes.append(
+            "layer sensitivity (cosine gained when kept float alone): "
+            + ", ".join(f"{x}=+{max(gains[x], 0.0):.2g}" for x in ranked[:budget])
+        )
+        return ranked
+
+    def _report_divergence(self, model: ir.Model, quantized: ir.Model, data: list[Feeds],
+                           dtypes: dict[str, ir.DataType], target: Tolerance,
+                           missed: list[str]) -> None:
+        """Warn that the tolerance is missed, naming the first tensor where ``quantized`` leaves
+        the float ``model`` (or the lowest cosine, where none is below the tolerance)."""
+        cosines = tensor_cosines(model, quantized, data[:4], dtypes)
+        first = next((d for d in cosines if d.cosine < target.min_cosine), None)
+        lowest = min(cosines, key=lambda d: d.cosine, default=None)
+        where = (first.describe() if first else "none below the cosine tolerance"
+                 + (f"; the lowest: {lowest.describe()}" if lowest else ""))
+        self.report.notes.append(
+            f"WARNING: accuracy guard: tolerance {_describe_tolerance(target, self.check_top1)} "
+            f"missed ({'; '.join(missed)}); first diverging tensor: {where}")
+        logger.warning("quantize: tolerance missed; first diverging tensor: %s", where)
 
     def guard_tolerance(self) -> Tolerance:
         """What the guard holds the outputs to: the declared tolerance, its cosine raised to
@@ -460,6 +417,87 @@ class InsertQDQPass(SlimgraphPass):
             self.report.notes.append(warning)
         else:
             self.report.notes.append(f"speed guard: int8/fp32 latency {ratio:.2f}x in onnxruntime")
+
+
+def _check_options(
+    mode: str, dynamic: bool, calib: str, percentile: float, activations: str,
+    reduce_range: bool | None, tolerance: float | None, block: int, smooth: float | str | None,
+    max_float: int | None, format: str, weight_scales: str, acts: str, embeddings: str,
+    rounding: str,
+) -> None:
+    """Refuse an option value of InsertQDQPass outside its range, or a combination of modes and
+    options that does not apply (ValueError naming the option)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if calib not in CALIBRATORS:
+        raise ValueError(f"unknown calib {calib!r}; valid: {', '.join(CALIBRATORS)}")
+    if activations not in ACTIVATION_TYPES:
+        raise ValueError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATION_TYPES)}")
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    if tolerance is not None and not 0.0 < tolerance <= 1.0:
+        raise ValueError(f"tolerance is a minimum cosine in (0, 1], got {tolerance}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
+    if weight_scales not in WEIGHT_SCALES:
+        raise ValueError(f"unknown weight_scales {weight_scales!r}; valid: {', '.join(WEIGHT_SCALES)}")
+    if format not in INT4_FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid: {', '.join(INT4_FORMATS)}")
+    if format != "qdq" and mode != "int4":
+        raise ValueError("format=nbits (com.microsoft MatMulNBits) applies to int4 only")
+    if smooth is not None and smooth != "auto" and not (
+            isinstance(smooth, (int, float)) and 0.0 < smooth <= 1.0):
+        raise ValueError(f"smooth is the SmoothQuant migration strength in (0, 1] or auto, "
+                         f"got {smooth!r}")
+    if max_float is not None and max_float < 0:
+        raise ValueError(f"max_float is a number of layers >= 0, got {max_float}")
+    if dynamic and activations == "s8":
+        raise ValueError("dynamic=true quantizes activations to uint8 (DynamicQuantizeLinear)")
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
+    if mode != "int8" and (dynamic or activations != "auto" or reduce_range is not None
+                           or weight_scales != "auto"):
+        raise ValueError(f"mode {mode!r} is weight-only: dynamic, activations, reduce_range "
+                         "and weight_scales apply to int8")
+    if mode == "binary" and smooth is not None:
+        raise ValueError("smooth applies to int8 and int4: binary weights keep one scale per "
+                         "output channel, which a per-input-channel smoothing would break")
+    if acts not in ("float", "binary"):
+        raise ValueError(f"unknown acts {acts!r}; valid: float, binary")
+    if acts == "binary" and mode != "binary":
+        raise ValueError("acts=binary (sign activations, XNOR networks) applies to mode binary")
+    if embeddings not in ("int8", "float"):
+        raise ValueError(f"unknown embeddings {embeddings!r}; valid: int8, float")
+
+
+def _declared_tolerance(mode: str, tolerance: float | None) -> Tolerance:
+    """The mode's tolerance, its cosine set by ``tolerance=`` (for int8: lowered to it, never raised)."""
+    if mode == "int4":
+        return INT4_TOLERANCE if tolerance is None else dataclasses.replace(
+            INT4_TOLERANCE, min_cosine=tolerance)
+    if mode == "binary":
+        return BINARY_TOLERANCE if tolerance is None else dataclasses.replace(
+            BINARY_TOLERANCE, min_cosine=tolerance)
+    return (
+        INT8_TOLERANCE if tolerance is None
+        else dataclasses.replace(INT8_TOLERANCE, min_cosine=min(tolerance, INT8_TOLERANCE.min_cosine))
+    )
+
+
+def _shortest_holding_prefix(budget: int, failures_of_prefix) -> tuple[int, tuple[list[str], list] | None]:
+    """The shortest length in [1, ``budget``] whose ranking prefix leaves no failure (binary
+    search; ``budget`` where none does), with that length's failures and metrics if measured."""
+    low, high, best = 1, budget, None
+    results: dict[int, tuple[list[str], list]] = {}
+    while low <= high:
+        mid = (low + high) // 2
+        results[mid] = failures_of_prefix(mid)
+        if results[mid][0]:
+            low = mid + 1
+        else:
+            best, high = mid, mid - 1
+    count = best if best is not None else budget
+    return count, results.get(count)
 
 
 def _first_samples(feeds: list[Feeds], count: int) -> list[Feeds]:

@@ -301,13 +301,29 @@ def apply_static(
     placement = place(graph, dtypes, keep_float)
     namer = Namer(graph)
     counts = Counts()
+    params = _activation_params(placement, ranges, target)
+    _insert_activation_qdq(graph, namer, placement, params, counts)
+    _quantize_layers(graph, namer, ids, placement, target, weight_scales, statistics, counts)
+    counts.joins = len(placement.int8_nodes) - len(placement.layers)
+    common.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+def _activation_params(placement: _Placement, ranges: dict[str, tuple[float, float]],
+                       target: Int8Target) -> dict[ir.Value, QParams]:
+    """The quantization parameters of each quantized value whose range was calibrated."""
     params: dict[ir.Value, QParams] = {}
     for value in placement.quantized:
         key = placement.range_of[value]
         if key not in ranges:
             continue
         params[value] = activation_qparams(*ranges[key], target.activations)
+    return params
 
+
+def _insert_activation_qdq(graph: ir.Graph, namer: Namer, placement: _Placement,
+                           params: dict[ir.Value, QParams], counts: Counts) -> None:
+    """A QuantizeLinear/DequantizeLinear pair after each quantized value (folding its Relu)."""
     shared: dict[QParams, tuple[ir.Value, ir.Value]] = {}  # one scale / zero point per value
     for value in placement.quantized:
         qp = params.get(value)
@@ -350,40 +366,25 @@ def apply_static(
                 graph.insert_after(producer, [q, dq])
         counts.qdq_pairs += 1
 
-    weights: dict[tuple[ir.Value, int], tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
+
+_QuantizedWeight = tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]  # q, scale, zp, scales
+
+
+def _quantize_layers(graph: ir.Graph, namer: Namer, ids: dict[ir.Node, str], placement: _Placement,
+                     target: Int8Target, weight_scales: str,
+                     statistics: dict[str, InputStatistics], counts: Counts) -> None:
+    """Each placed layer reads its weight through a DequantizeLinear of int8 (a weight shared
+    along the same axis is quantized once), and its bias as int32 where it can."""
+    weights: dict[tuple[ir.Value, int], _QuantizedWeight] = {}
     for node in placement.layers:
         axis = weight_axis(node)
         w = node.inputs[1]
         x_dq = node.inputs[0].producer()
         x_scale = x_dq.inputs[1] if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
         if (w, axis) not in weights:
-            weight = w.const_value.numpy()
-            floor = bias_scale_floor(node, x_scale)
-            tensor = weight_scales == "tensor" or (
-                weight_scales == "auto" and per_tensor_suffices(weight, axis, target.reduce_range))
-            if tensor:
-                whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
-                _, scales = quantize_weight(whole, 0, target.reduce_range, True,
-                                            None if floor is None else floor.max(initial=0.0))
-                scales = scales.reshape(())
-            else:
-                _, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
-            qmax = 63 if target.reduce_range else 127
-            q, correction = round_layer(node, weight, scales, axis, qmax, statistics.get(ids[node]))
-            if correction is not None:
-                counts.gptq += 1
-                counts.biases_corrected += _correct_bias(graph, namer, node, correction)
-            wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
-            if fp16_ceil(scales) is not None:
-                ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
-            else:
-                ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
-            # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
-            # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
-            wz = None if node.op_type == "Conv" else add_initializer(
-                graph, namer, f"{w.name}_zero_point", np.zeros(scales.shape, np.int8)
-            )
-            weights[(w, axis)] = (wq, ws, wz, scales)
+            weights[(w, axis)] = _quantize_layer_weight(
+                graph, namer, node, axis, x_scale, target, weight_scales,
+                statistics.get(ids[node]), counts)
         wq, ws, wz, scales = weights[(w, axis)]
         dq = ir.node("DequantizeLinear", [wq, ws] + ([wz] if wz is not None else []),
                      {"axis": axis} if scales.ndim else {},
@@ -395,9 +396,42 @@ def apply_static(
         counts.layers += 1
         if len(node.inputs) > 2 and x_scale is not None:
             counts.biases += _quantize_bias(graph, namer, node, x_scale, ws, scales)
-    counts.joins = len(placement.int8_nodes) - len(placement.layers)
-    common.RemoveUnusedNodesPass()(model)
-    return counts
+
+
+def _quantize_layer_weight(
+    graph: ir.Graph, namer: Namer, node: ir.Node, axis: int, x_scale: ir.Value | None,
+    target: Int8Target, weight_scales: str, statistics: InputStatistics | None, counts: Counts,
+) -> _QuantizedWeight:
+    """The layer's weight as int8 initializers: values, scales (stored as float16 within its
+    range) and, but for a Conv, zero points; by GPTQ with ``statistics`` (correcting the bias)."""
+    w = node.inputs[1]
+    weight = w.const_value.numpy()
+    floor = bias_scale_floor(node, x_scale)
+    tensor = weight_scales == "tensor" or (
+        weight_scales == "auto" and per_tensor_suffices(weight, axis, target.reduce_range))
+    if tensor:
+        whole = np.moveaxis(weight, axis, 0).reshape(1, -1)
+        _, scales = quantize_weight(whole, 0, target.reduce_range, True,
+                                    None if floor is None else floor.max(initial=0.0))
+        scales = scales.reshape(())
+    else:
+        _, scales = quantize_weight(weight, axis, target.reduce_range, True, floor)
+    qmax = 63 if target.reduce_range else 127
+    q, correction = round_layer(node, weight, scales, axis, qmax, statistics)
+    if correction is not None:
+        counts.gptq += 1
+        counts.biases_corrected += _correct_bias(graph, namer, node, correction)
+    wq = add_initializer(graph, namer, f"{w.name}_quantized", q)
+    if fp16_ceil(scales) is not None:
+        ws = add_stored_as(graph, namer, f"{w.name}_scale", scales, np.float16)
+    else:
+        ws = add_initializer(graph, namer, f"{w.name}_scale", scales)
+    # onnxruntime 1.32 fuses DQ -> Conv without a weight zero point (0 is the default;
+    # less to store) but fuses Gemm/MatMul into QGemm/QLinearMatMul only with one.
+    wz = None if node.op_type == "Conv" else add_initializer(
+        graph, namer, f"{w.name}_zero_point", np.zeros(scales.shape, np.int8)
+    )
+    return wq, ws, wz, scales
 
 
 def _float_bias(node: ir.Node) -> ir.Value | None:
