@@ -4,10 +4,10 @@ the ``hls`` backend takes, so a restructuring can show that it left the artifact
 
 Hashes depend on the machine (calibration and verification run in onnxruntime), so compare two
 commits on one machine, from the same checkout path (torch's exporter records the source files'
-paths in model.onnx's node metadata). The quantizer's speed guard writes measured latencies into the manifest and
-report (``speed guard: int8/fp32 latency 0.62x``, a warning where int8 was not faster, kernels in
-order of time): those notes are masked whole, and so is the manifest's hash of report.md, which
-holds them; everything else is compared byte for byte.
+paths in model.onnx's node metadata). The quantizer's speed guard writes measured latencies into
+the manifest and report (``speed guard: int8/fp32 latency 0.62x``; a warning where int8 was not
+faster, kernels in order of time): those notes are masked whole, and so is the manifest's hash of
+report.md, which holds them; everything else is compared byte for byte.
 
     git worktree add /tmp/check <before> && cd /tmp/check
     PYTHONPATH=. python benchmarks/artifact_hashes.py --out /tmp/before.json

@@ -22,7 +22,7 @@ from slimgraph.passes.quantize.calibrate import serialize
 
 MODES = {
     "fp32": "fold-constants",
-    "int8": "fold-constants,quantize:int8,speed_check=false",
+    "int8": "fold-constants,quantize:int8,speed_check=false,guard=false",
     "int8-dynamic": "fold-constants,quantize:int8,dynamic=true,speed_check=false",
     "int4": "fold-constants,quantize:int4",
     "binary": "fold-constants,quantize:binary",
