@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -497,12 +496,28 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a nicety; runs go on without it
-        return _NoBar()
-    return tqdm(total=total, unit="sample", disable=not enabled, file=sys.stderr, leave=False)
+class _Bar:
+    """Samples done, as a transient rich bar on stderr (rich: the project's one progress library)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("run"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("samples"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("run", total=total)
+
+    def update(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress(total: int, enabled: bool) -> _Bar | _NoBar:
+    return _Bar(total) if enabled else _NoBar()
 
 
 def _ray(address: str | None):
