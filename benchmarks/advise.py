@@ -19,7 +19,7 @@ import platform
 from pathlib import Path
 
 from slimgraph.advise import advise, plot_roofline
-from slimgraph.export import package_versions
+from slimgraph.artifact import package_versions
 from slimgraph.frontend.builtin import builtin_names
 
 RESULTS = Path(__file__).parent / "results"

@@ -42,13 +42,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.heal.data import training_data
 from slimgraph.passes import Pipeline
 from slimgraph.passes.quantize.calibrate import serialize
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "deep_compression"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import slimgraph
-from slimgraph.export import package_versions
+from slimgraph.artifact import package_versions
 from slimgraph.frontend.builtin import builtin_names
 
 RESULTS = Path(__file__).parent / "results"

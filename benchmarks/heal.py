@@ -37,13 +37,13 @@ import numpy as np
 import onnx_ir as ir
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
-from slimgraph.export import package_versions
 from slimgraph.heal.data import training_data
 from slimgraph.passes import Pipeline
 from slimgraph.passes.heal import mean_row_cosine
 from slimgraph.passes.quantize.calibrate import serialize
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "heal"

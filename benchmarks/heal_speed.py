@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import transformers
 
 import slimgraph
-from slimgraph.export import package_versions
+from slimgraph.artifact import package_versions
 from slimgraph.heal.data import training_data
 from slimgraph.heal.train import TrainConfig, _schedule, batches, text_lengths, trimmed, used_indices
 from slimgraph.passes import Pipeline

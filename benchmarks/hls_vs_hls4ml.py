@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hls4ml_peer  # noqa: E402
 
 import slimgraph  # noqa: E402
+from slimgraph.artifact import package_versions  # noqa: E402
 from slimgraph.backends.hls import HLS  # noqa: E402
 from slimgraph.backends.ort import session_for  # noqa: E402
-from slimgraph.export import package_versions  # noqa: E402
 from slimgraph.frontend.builtin import get_builtin  # noqa: E402
 
 NAME = "hls_vs_hls4ml"

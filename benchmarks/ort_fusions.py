@@ -30,10 +30,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import slimgraph
 from slimgraph.backends.ort import CPU_DISABLED_OPTIMIZERS, session_for
-from slimgraph.bench.timing import interleaved
 from slimgraph.calibration import Calibration
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.passes import Pipeline
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 SESSION = {"intra_op_num_threads": 2, "allow_spinning": False}

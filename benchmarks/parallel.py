@@ -39,12 +39,12 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
-from slimgraph.export import package_versions
 from slimgraph.heal.data import training_data
 from slimgraph.parallel import partition
 from slimgraph.parallel.run import run
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "parallel"

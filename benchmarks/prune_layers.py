@@ -40,7 +40,7 @@ import onnx_ir as ir
 import torch
 
 import slimgraph
-from slimgraph.export import package_versions
+from slimgraph.artifact import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.model_stats import layer_macs
 from slimgraph.passes import Pipeline

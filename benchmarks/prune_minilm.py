@@ -25,11 +25,11 @@ import onnx
 import onnx_ir as ir
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
-from slimgraph.export import package_versions
 from slimgraph.model_stats import summarize
 from slimgraph.passes import Pipeline
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "prune_minilm"

@@ -37,12 +37,12 @@ import torch_pruning as tp
 from torch import nn
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin, resnet_tiny
 from slimgraph.model_stats import summarize
 from slimgraph.passes import Pipeline
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "prune_vs_torch_pruning"

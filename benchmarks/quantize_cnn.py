@@ -34,9 +34,9 @@ from onnxruntime.quantization import (
 from torch import nn
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import kernel_time_by_op
 from slimgraph.calibration import Calibration
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import resnet_tiny
 from slimgraph.passes import Pipeline
 from slimgraph.passes.quantize import cpu_flags, int8_target

@@ -18,9 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
 from slimgraph.calibration import Calibration
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.passes import Pipeline
 from slimgraph.passes.quantize import quantizable_layers, weight_axis

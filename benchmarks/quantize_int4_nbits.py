@@ -24,12 +24,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
 from slimgraph.calibration import Calibration
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.passes import Pipeline
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 SESSION = {"intra_op_num_threads": 2, "allow_spinning": False}

@@ -5,7 +5,7 @@ everyone. Calibration: the 48 calibration sentences, one per feed (slimgraph hol
 out for its accuracy guard). Accuracy: cosine of each sentence embedding to fp32, mean and min, over
 the 16 held-out sentences and over all 64 sentences. Latency: batch 16 x 64 tokens (the held-out
 sentences), onnxruntime CPU, 2 intra-op threads, spinning off, medians of interleaved rounds
-(`slimgraph.bench.timing.interleaved`). Peers: `quantize_dynamic` (per-channel and per-tensor
+(`slimgraph.timing.interleaved`). Peers: `quantize_dynamic` (per-channel and per-tensor
 int8 weights) and `quantize_static` (QDQ, per-channel, MinMax; every op it supports, and MatMul
 only). A second table sweeps the SmoothQuant strength for dynamic int8 (accuracy only).
 
@@ -34,13 +34,13 @@ from onnxruntime.quantization import (
 )
 
 import slimgraph
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import session_for
-from slimgraph.bench.timing import interleaved
 from slimgraph.calibration import Calibration
-from slimgraph.export import package_versions
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.passes import Pipeline
 from slimgraph.passes.quantize import cpu_flags, int8_target
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 SESSION = {"intra_op_num_threads": 2, "allow_spinning": False}

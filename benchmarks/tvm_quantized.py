@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.artifact import package_versions
 from slimgraph.backends.ort import runner_for, session_for
 from slimgraph.backends.tvm import TVM_LLVM
 from slimgraph.errors import SlimgraphError
-from slimgraph.export import package_versions
 from slimgraph.frontend import load
 from slimgraph.passes import Pipeline
 

@@ -1,6 +1,6 @@
 """tvm-llvm vs ort-cpu latency on built-in models, untuned and MetaSchedule-tuned.
 
-Both run with 2 threads in the same process, timed by ``slimgraph.bench.timing.interleaved``
+Both run with 2 threads in the same process, timed by ``slimgraph.timing.interleaved``
 (rotating round-robin, onnxruntime with ``session.intra_op.allow_spinning`` = 0 so neither steals
 the other's cores); each figure is the median over calls. Ratios > 1 mean TVM is slower. The
 tuned build fixes the batch, runs MetaSchedule for ``--tune`` trials and (``prepack``, the
@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 from slimgraph.backends.ort import runner_for, session_for
 from slimgraph.backends.tvm import TVM_LLVM, load_runner
-from slimgraph.bench.timing import interleaved
 from slimgraph.frontend import load
+from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2

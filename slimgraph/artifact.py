@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import lzma
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph.errors import OutputExistsError, OutputPathError
+
+VERSIONED_PACKAGES = ("slimgraph", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch")
 
 MANIFEST = "manifest.json"
 
@@ -149,3 +153,13 @@ def pack_model(root: Path, model_file: str, stored_weights: bytes,
         "weight_compression": round(dense_weight_bytes / max(packed_weights, 1), 2),
         "file_compression": round(dense_weight_bytes / max(len(packed), 1), 2),
     }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

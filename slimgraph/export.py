@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
-import platform
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +14,15 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph import model_stats
-from slimgraph.artifact import MANIFEST, check_output_path, file_hashes, pack_model, staged_dir, write_json
+from slimgraph.artifact import (
+    MANIFEST,
+    check_output_path,
+    file_hashes,
+    pack_model,
+    package_versions,
+    staged_dir,
+    write_json,
+)
 from slimgraph.backends import Backend, BuiltArtifact, parse_backend_spec
 from slimgraph.backends.ort import MODEL_FILE
 from slimgraph.calibration import Calibration
@@ -27,8 +33,6 @@ from slimgraph.report_md import render_report
 from slimgraph.verify import VerificationResult, verify
 
 REPORT = "report.md"
-VERSIONED_PACKAGES = ("slimgraph", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch")
-
 StageCallback = Callable[[str], None]
 
 
@@ -338,13 +342,3 @@ def _model_facts(model: ir.Model) -> dict[str, Any]:
         "weight_bytes": model_stats.weight_bytes(model),
         "ops": model_stats.op_histogram(model),
     }
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from slimgraph.calibration import Feeds
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 
 Runner = Callable[[Feeds], list[np.ndarray]]
 

@@ -9,9 +9,9 @@ import pytest
 
 from slimgraph.bench import FP32, Row, bench, variant_pipeline
 from slimgraph.bench.results import _ratios_and_flags
-from slimgraph.bench.timing import Latency, interleaved
 from slimgraph.cli import main
 from slimgraph.errors import PipelineSpecError
+from slimgraph.timing import Latency, interleaved
 
 
 def test_bench_onnx_file_writes_all_outputs(tiny_cnn_path, tmp_path):

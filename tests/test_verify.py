@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 from slimgraph.verify import compare_outputs, verify
 
 

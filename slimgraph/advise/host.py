@@ -120,8 +120,8 @@ def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 
                  providers: list[str] | None = None) -> float:
     """p50 ms of onnxruntime here (CPU by default: all cores, default graph optimisations)."""
     from slimgraph.backends.ort import session_for
-    from slimgraph.bench.timing import interleaved
     from slimgraph.passes.quantize.calibrate import inputs_of
+    from slimgraph.timing import interleaved
 
     session = session_for(model_bytes, providers=providers)
     feed = inputs_of(session, feed)

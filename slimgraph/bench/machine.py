@@ -34,7 +34,7 @@ def cpu_model() -> str:
 
 
 def machine_facts(threads: int) -> dict[str, Any]:
-    from slimgraph.export import package_versions
+    from slimgraph.artifact import package_versions
 
     flags = cpu_flags()
     return {

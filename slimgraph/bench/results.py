@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slimgraph.bench.timing import Latency
 from slimgraph.passes import Pipeline
+from slimgraph.timing import Latency
 
 FP32 = "fp32"
 

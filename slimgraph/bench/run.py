@@ -22,11 +22,11 @@ from slimgraph.bench.accuracy import _accuracy, _evaluation, _feed_of_batch
 from slimgraph.bench.candidates import _build_variant, _Candidate, _ort_quantizer_peers, _torch_peer
 from slimgraph.bench.machine import machine_facts
 from slimgraph.bench.results import FP32, BenchResult, Row, _ratios_and_flags, _sorted
-from slimgraph.bench.timing import interleaved, parallel_throughput
 from slimgraph.calibration import Feeds, read_samples
 from slimgraph.errors import PipelineSpecError
 from slimgraph.frontend import LoadedModel, load
 from slimgraph.passes import RECIPES, Pipeline
+from slimgraph.timing import interleaved, parallel_throughput
 
 DEFAULT_PEERS = ("torch-eager", "torch-compile", "ort-quantizers")
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total)

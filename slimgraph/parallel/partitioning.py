@@ -58,8 +58,8 @@ def partition(model: Any, out: str | Path, *, stages: int | None = None, balance
     """Cut MODEL (anything ``slimgraph.load`` takes, or an artifact directory) into pipeline
     stages balanced for micro-batches of ``batch`` on sessions of ``threads`` intra-op threads,
     and write them with ``pipeline.json``, ``manifest.json`` and ``report.md`` to ``out``."""
+    from slimgraph.artifact import package_versions
     from slimgraph.calibration import stack_feeds
-    from slimgraph.export import package_versions
     from slimgraph.parallel.cuts import plan
     from slimgraph.passes.base import one_of
 

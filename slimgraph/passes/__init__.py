@@ -9,8 +9,9 @@ from slimgraph.passes.heal import HealWeightsPass
 from slimgraph.passes.pipeline import Pipeline, make_pass
 from slimgraph.passes.prune import PruneChannelsPass, PruneLayersPass
 from slimgraph.passes.quantize import InsertQDQPass
-from slimgraph.passes.report import EXACT, PassReport, Tolerance
+from slimgraph.passes.report import PassReport
 from slimgraph.passes.sparse import FoldSparsePass, ShareWeightsPass, SparsifyPass
+from slimgraph.tolerance import EXACT, Tolerance
 
 PASSES: dict[str, type[SlimgraphPass]] = {
     FoldConstantsPass.name: FoldConstantsPass,

@@ -11,7 +11,8 @@ import onnx_ir as ir
 from slimgraph.calibration import Calibration
 from slimgraph.errors import PipelineSpecError
 from slimgraph.model_stats import weight_bytes
-from slimgraph.passes.report import EXACT, PassReport, Tolerance
+from slimgraph.passes.report import PassReport
+from slimgraph.tolerance import EXACT, Tolerance
 
 
 class SlimgraphPass(ir.passes.InPlacePass):

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 
 if TYPE_CHECKING:
     from slimgraph.heal.module import GraphModule

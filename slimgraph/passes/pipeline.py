@@ -16,7 +16,8 @@ import onnx_ir as ir
 from slimgraph.calibration import Calibration
 from slimgraph.errors import PipelineSpecError, SlimgraphError
 from slimgraph.passes.base import SlimgraphPass
-from slimgraph.passes.report import EXACT, PassReport, Tolerance
+from slimgraph.passes.report import PassReport
+from slimgraph.tolerance import EXACT, Tolerance
 
 
 class Pipeline:

@@ -10,7 +10,7 @@ import pytest
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes import PASSES, FoldConstantsPass, Pipeline, recipe
 from slimgraph.passes.base import SlimgraphPass
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 
 
 class _OptionsPass(SlimgraphPass):

@@ -47,7 +47,7 @@ from slimgraph.passes.prune.channel_groups import (
     constant_array,
     layer_name,
 )
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from slimgraph.passes.quantize.smooth import (
     smoothing_groups,
 )
 from slimgraph.passes.quantize.weight_only import apply_weight_only, quantize_int4_blocks
-from slimgraph.passes.report import Tolerance
+from slimgraph.tolerance import Tolerance
 
 logger = logging.getLogger(__name__)
 

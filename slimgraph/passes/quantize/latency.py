@@ -26,7 +26,7 @@ def latency_ratio(float_model: ir.Model, quantized: ir.Model, feed: Feeds,
     alternating read 0.63x (and bench agreed).
     """
     from slimgraph.backends.ort import session_for
-    from slimgraph.bench.timing import interleaved
+    from slimgraph.timing import interleaved
 
     sessions = [session_for(serialize(m), _SPEED_SESSION) for m in (float_model, quantized)]
     inputs = [inputs_of(s, feed) for s in sessions]
