@@ -82,7 +82,7 @@ def _speed(scorer: heal_bench.Scorer, model: ir.Model, rounds: int) -> dict:
 
 def minilm_rows(steps: int, rounds: int) -> dict[str, dict]:
     scorer = heal_bench.Scorer("minilm")
-    heal = f"heal:steps={steps},lr=5e-4,hidden=1"
+    heal = f"heal:steps={steps},lr=5e-4,hidden=1,eval_every={max(1, steps // 12)}"
     pruned, reports, prune_s = _run_pipeline(scorer, f"fold-constants,{LAYERS}",
                                              scorer.loaded.model.clone())
     healed, (heal_report,), heal_s = _run_pipeline(scorer, heal, pruned.clone())
@@ -92,6 +92,7 @@ def minilm_rows(steps: int, rounds: int) -> dict[str, dict]:
         "prune_seconds": prune_s, "heal_seconds": heal_s,
         "macs": {"fp32": _macs(scorer.float_model), "pruned": _macs(healed)},
         "latency": _speed(scorer, healed, rounds), "training": scorer.data.source,
+        "curve": heal_report.curve,  # held-out cosine of the torch module by step and seconds
     }}
     print(json.dumps(rows["minilm"], indent=1), flush=True)
     heal2 = f"heal:steps={max(1, steps // 2)},lr=5e-4,hidden=1"
@@ -168,6 +169,15 @@ def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
 
+def _curve_lines(curve: list[dict] | None) -> list[str]:
+    """The heal's held-out cosine (torch module, general held-out set) against minutes of training."""
+    if not curve:
+        return []
+    return ["Held-out cosine during heal, by step (minutes of training): "
+            + ", ".join(f"{p['step']} ({p['training_seconds'] / 60:.1f} min) {p['score']:.4f}"
+                        for p in curve) + ".", ""]
+
+
 def _markdown(results: dict) -> str:
     m, rows = results["machine"], results["rows"]
     lines = [
@@ -190,6 +200,7 @@ def _markdown(results: dict) -> str:
             f"| 3 layers, healed | {_fmt(r['after'])} | {r['macs']['pruned']:,} | "
             f"{r['latency']['batch1']['ms']} ms ({r['latency']['batch1']['ratio']}x) | "
             f"{r['latency']['batch16']['ms']} ms ({r['latency']['batch16']['ratio']}x) |", "",
+            *_curve_lines(r.get("curve")),
             "Units and their output-importance scores (1 - mean cosine with that unit alone removed):",
             "", *[f"- {line}" for line in r["units"]], "",
         ]
