@@ -43,11 +43,10 @@ import onnxruntime as ort
 
 import slimgraph
 from slimgraph.artifact import package_versions
-from slimgraph.backends.ort import session_for
+from slimgraph.backends.ort import serialize, session_for
 from slimgraph.frontend.builtin import get_builtin
 from slimgraph.heal.data import training_data
 from slimgraph.passes import Pipeline
-from slimgraph.passes.quantize.calibrate import serialize
 from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"

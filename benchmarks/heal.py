@@ -38,11 +38,10 @@ import onnx_ir as ir
 
 import slimgraph
 from slimgraph.artifact import package_versions
-from slimgraph.backends.ort import session_for
+from slimgraph.backends.ort import serialize, session_for
 from slimgraph.heal.data import training_data
 from slimgraph.passes import Pipeline
 from slimgraph.passes.heal import mean_row_cosine
-from slimgraph.passes.quantize.calibrate import serialize
 from slimgraph.timing import interleaved
 
 RESULTS = Path(__file__).parent / "results"

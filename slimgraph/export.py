@@ -286,8 +286,7 @@ def _first_divergence(loaded: LoadedModel, model: ir.Model, min_cosine: float) -
 
     try:
         reference = loaded.model.clone()
-        with contextlib.suppress(Exception):  # types then come from what the graph declares
-            ir.passes.common.ShapeInferencePass()(reference)
+        model_stats.infer_shapes(reference)  # where it fails, types come from what the graph declares
         dtypes = {v.name: v.dtype for node in reference.graph for v in node.outputs}
         found = first_divergence(reference, model, loaded.verification_feeds[:4], dtypes,
                                  min_cosine)

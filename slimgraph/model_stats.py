@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
+import logging
 import math
 
 import onnx_ir as ir
+
+# onnx_ir's ShapeInferencePass catches onnx's failure itself, leaves the model unchanged and logs
+# a warning with the traceback; infer_shapes turns that record into its return value.
+_SHAPE_LOGGER = logging.getLogger("onnx_ir.passes.common.shape_inference")
+
+
+class _Failure(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        self.cause = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() \
+            else (type(exc).__name__ if exc is not None else record.getMessage())
+        return False
+
+
+def infer_shapes(model: ir.Model) -> str | None:
+    """Fill in the shapes and types onnx can infer, in place, best effort: when onnx's inference
+    rejects the graph, the model keeps what it declares and the cause (one line) is returned."""
+    failure = _Failure()
+    _SHAPE_LOGGER.addFilter(failure)
+    try:
+        ir.passes.common.ShapeInferencePass()(model)
+    finally:
+        _SHAPE_LOGGER.removeFilter(failure)
+    return failure.cause
 
 
 def _initializer_tensors(model: ir.Model):
@@ -192,8 +220,7 @@ def summarize(model: ir.Model, batch: int = 1) -> ModelSummary:
     """Shape-infer ``model`` in place (shapes only) and count its ops, weights and MACs."""
     # A graph onnx shape inference cannot handle still gets counted: MACs then cover the layers
     # whose shapes the exporter recorded.
-    with contextlib.suppress(Exception):
-        ir.passes.common.ShapeInferencePass()(model)
+    infer_shapes(model)
 
     def value_json(v: ir.Value) -> dict:
         shape = None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]

@@ -119,8 +119,7 @@ def gpu_entry(reported: str, catalogue: list[Device]) -> Device | None:
 def measure_host(model_bytes: bytes, feed: dict[str, np.ndarray], repeat: int = 50,
                  providers: list[str] | None = None) -> float:
     """p50 ms of onnxruntime here (CPU by default: all cores, default graph optimisations)."""
-    from slimgraph.backends.ort import session_for
-    from slimgraph.passes.quantize.calibrate import inputs_of
+    from slimgraph.backends.ort import inputs_of, session_for
     from slimgraph.timing import interleaved
 
     session = session_for(model_bytes, providers=providers)

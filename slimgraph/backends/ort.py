@@ -72,6 +72,42 @@ def session_for(model: bytes | str | Path, config: dict[str, Any] | None = None,
     )
 
 
+def serialize(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+def inputs_of(session: ort.InferenceSession, feed: Feeds) -> Feeds:
+    """The entries of ``feed`` that ``session`` takes (a probe of a pruned graph may take fewer)."""
+    wanted = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in wanted}
+
+
+def run_feeds(model: ir.Model, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
+    """Every graph output of ``model`` for each feed (one session, spinning off)."""
+    session = session_for(serialize(model), {"allow_spinning": False})
+    return [session.run(None, inputs_of(session, f)) for f in feeds]
+
+
+def probe_session(model: ir.Model, names: Sequence[str], config: dict[str, Any] | None = None,
+                  ) -> tuple[ort.InferenceSession, list[str]]:
+    """A session on a copy of ``model`` that also returns the named values: the one way slimgraph
+    looks inside a graph with onnxruntime (calibration ranges, divergence, dead channels, the cut
+    search's value sizes, the hls comparison). Returns the session and the names it can return, in
+    the order given (unknown names are left out; a graph output or input is returned as it is).
+    ``config``: session settings (``session_for``'s), spinning off by default."""
+    probe = model.clone()
+    values = {k: v for k, v in ir.convenience.create_value_mapping(
+        probe.graph, include_subgraphs=False).items() if not v.is_initializer() or v.is_graph_input()}
+    present = {v.name for v in probe.graph.outputs}
+    for name in names:
+        value = values.get(name)
+        if value is not None and name not in present:
+            probe.graph.outputs.append(value)
+            present.add(name)
+    session = session_for(serialize(probe), {"allow_spinning": False} | (config or {}))
+    return session, [n for n in names if n in present]
+
+
 def kernel_time_by_op(model: bytes | str | Path, feed: dict[str, np.ndarray], runs: int = 20,
                       config: dict[str, Any] | None = None) -> dict[str, float]:
     """Microseconds per run spent in each op type's kernels, from onnxruntime's profiler (CPU),

@@ -28,6 +28,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from slimgraph.bits import pack_signs
 from slimgraph.errors import UnsupportedOpError
 from slimgraph.heal.ops import OPS, QUANT_RANGES, as_list, expand_qparam, fake_quant, supported
 
@@ -406,6 +407,8 @@ class GraphModule(nn.Module):
                 continue
             try:
                 results = as_list(step.op([env[i] if i else None for i in step.inputs], step.attrs))
+            except torch.OutOfMemoryError:  # the machine's limit, not the node's: keep its type
+                raise
             except (NotImplementedError, RuntimeError, TypeError, IndexError, ValueError,
                     KeyError) as exc:
                 raise UnsupportedOpError(f"heal cannot run node {step.node.name!r} "
@@ -484,8 +487,6 @@ class GraphModule(nn.Module):
                                                            q.axis, q.block)
             ints = torch.clamp(torch.round(master / s) + z, *q.qrange).numpy()
             changed += self._store(q.value, ints.astype(q.value.const_value.numpy().dtype))
-        from slimgraph.passes.quantize.weight_only import pack_signs
-
         for b in self.binary:
             changed += self._store(b.bits, pack_signs(self.weights[b.key].detach().numpy()))
         return changed

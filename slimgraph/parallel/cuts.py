@@ -187,18 +187,12 @@ def _ship_ms(nbytes: float) -> float:
 def _value_bytes(model: ir.Model, sample: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
     """Bytes per sample of every named value: one run on a batch-1 ``sample`` with all of them
     exposed as outputs (optimisations off, so every value exists)."""
-    from slimgraph.backends.ort import session_for
+    from slimgraph.backends.ort import probe_session
 
-    probe = model.clone()
-    have = {v.name for v in probe.graph.outputs}
-    values = ir.convenience.create_value_mapping(probe.graph)
-    for name in names:
-        if name not in have and name in values and name not in {v.name for v in probe.graph.inputs}:
-            probe.graph.outputs.append(values[name])
-    session = session_for(ir.to_proto(probe).SerializeToString(),
-                          {"graph_optimization_level": "disabled", "intra_op_num_threads": 1})
-    wanted = [o.name for o in session.get_outputs()]
-    got = dict(zip(wanted, session.run(wanted, sample), strict=True))
+    inputs = {v.name for v in model.graph.inputs}
+    session, wanted = probe_session(model, [n for n in names if n not in inputs],
+                                    {"graph_optimization_level": "disabled", "intra_op_num_threads": 1})
+    got = dict(zip(wanted, session.run(wanted, sample), strict=True)) if wanted else {}
     got.update(sample)
     return {k: int(v.nbytes) for k, v in got.items() if k in set(names)}
 

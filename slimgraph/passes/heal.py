@@ -272,12 +272,9 @@ class Score:
 
 def score(model: ir.Model, data: Any) -> Score:
     """Run ``model`` in onnxruntime on the held-out batches and score its first output."""
-    from slimgraph.backends.ort import session_for
-    from slimgraph.passes.quantize.calibrate import inputs_of, serialize
+    from slimgraph.backends.ort import run_feeds
 
-    session = session_for(serialize(model), {"allow_spinning": False})
-    return score_outputs([session.run(None, inputs_of(session, feed))[0] for feed in data.held_out],
-                         data)
+    return score_outputs([outs[0] for outs in run_feeds(model, data.held_out)], data)
 
 
 def _held_out_scorer(data: Any, trim: bool, device: str):

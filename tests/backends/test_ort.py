@@ -117,3 +117,34 @@ def test_cpu_sessions_skip_the_slow_skip_layernorm_fusion(tmp_path, monkeypatch)
     want = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-5)
     want = want * RESIDUAL_LN_WEIGHTS["gamma"] + RESIDUAL_LN_WEIGHTS["beta"]
     np.testing.assert_allclose(session.run(None, {"x": x, "skip": skip})[0], want, rtol=1e-4, atol=1e-4)
+
+
+def _relu_neg_graph():
+    import onnx_ir as ir
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3]))
+    bias = ir.Value(name="bias", const_value=ir.tensor(np.array([1, 1, 1], np.float32), name="bias"),
+                    type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3]))
+    add = ir.node("Add", [x, bias], name="add")
+    relu = ir.node("Relu", [add.outputs[0]], name="relu")
+    neg = ir.node("Neg", [relu.outputs[0]], name="neg")
+    add.outputs[0].name, relu.outputs[0].name, neg.outputs[0].name = "a", "r", "y"
+    neg.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([x], [neg.outputs[0]], nodes=[add, relu, neg], initializers=[bias],
+                     opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_probe_session_returns_inner_values_and_leaves_the_model_alone():
+    from slimgraph.backends.ort import probe_session
+
+    model = _relu_neg_graph()
+    session, names = probe_session(model, ["r", "missing", "bias", "y", "x", "a"])
+    assert names == ["r", "y", "x", "a"]  # unknown names and initializers are left out
+    x = np.array([-3.0, 0.5, 2.0], np.float32)
+    r, y, x_back, a = session.run(names, {"x": x})
+    np.testing.assert_array_equal(a, [-2.0, 1.5, 3.0])
+    np.testing.assert_array_equal(r, [0.0, 1.5, 3.0])
+    np.testing.assert_array_equal(y, [-0.0, -1.5, -3.0])
+    np.testing.assert_array_equal(x_back, x)
+    assert [v.name for v in model.graph.outputs] == ["y"]

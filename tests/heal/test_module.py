@@ -13,12 +13,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
-from slimgraph.backends.ort import session_for
+from slimgraph.backends.ort import serialize, session_for
 from slimgraph.errors import UnsupportedOpError
 from slimgraph.heal.module import GraphModule
 from slimgraph.heal.ops import quantize_linear
 from slimgraph.passes import Pipeline
-from slimgraph.passes.quantize.calibrate import serialize
 
 MODES = {
     "fp32": "fold-constants",
@@ -176,7 +175,7 @@ def test_write_back_keeps_formats_and_matches_module(mode: str) -> None:
 
 def test_binary_write_back_packs_the_latent_signs() -> None:
     _, after, module = _write_back_after_step("digits-cnn", "binary")
-    from slimgraph.passes.quantize import unpack_signs
+    from slimgraph.bits import unpack_signs
 
     for b in module.binary:
         latent = module.weights[b.key].detach().numpy()
@@ -286,3 +285,25 @@ def test_layer_taps_match_hidden_states_by_name() -> None:
     assert t_ln.shape == (2, 3, 4) and s_y.shape == (2, 4)
     assert float(hidden_loss([t_ln], [t_ln])) == 0.0
     assert float(hidden_loss([s_ln], [t_ln])) > 0.1
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (RuntimeError("shape mismatch"), UnsupportedOpError),  # the node as given cannot run: named
+    (torch.OutOfMemoryError("out of memory"), torch.OutOfMemoryError),  # the machine's: kept
+])
+def test_a_failing_node_is_named_but_running_out_of_memory_keeps_its_type(raised, expected) -> None:
+    model = _tiny([helper.make_node("Relu", ["x"], ["y"], name="act")], [],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    module = GraphModule(model)
+    step = next(s for s in module.steps if s.node.name == "act")
+
+    def fail(inputs, attrs):
+        raise raised
+
+    step.op = fail
+    with pytest.raises(expected) as info:
+        module(torch.zeros(2, 2))
+    assert type(info.value) is expected
+    if expected is UnsupportedOpError:
+        assert "'act' (Relu)" in str(info.value)

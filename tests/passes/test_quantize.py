@@ -23,10 +23,8 @@ from slimgraph.passes.quantize import (
     collect_ranges,
     first_divergence,
     int8_target,
-    pack_signs,
     quantize_int4_blocks,
     quantize_weight,
-    unpack_signs,
 )
 from slimgraph.passes.quantize.calibrate import channel_absmax, channel_statistics
 from slimgraph.passes.quantize.divergence import tensor_cosines
@@ -447,16 +445,6 @@ def test_export_torch_module_int8(torch_models_module: str, tmp_path: Path):
 
 
 # ---- weight-only modes
-
-
-def test_pack_signs_round_trips_exactly():
-    rng = np.random.default_rng(0)
-    for shape in [(3, 5, 2, 2), (13,), (8, 8)]:
-        w = rng.standard_normal(shape).astype(np.float32)
-        w.flat[0] = 0.0  # zero counts as +1
-        packed = pack_signs(w)
-        assert packed.dtype == np.uint8 and packed.size == -(-w.size // 8)
-        np.testing.assert_array_equal(unpack_signs(packed, shape), np.where(w >= 0, 1.0, -1.0))
 
 
 @pytest.mark.parametrize("transB", [0, 1])

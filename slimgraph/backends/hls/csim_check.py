@@ -101,14 +101,10 @@ def csim_markdown(csim: dict[str, Any]) -> list[str]:
 def compare_onnxruntime(model: ir.Model, lowered: Lowered, feeds: Sequence[Feeds],
                         values: dict[str, np.ndarray], io: dict[str, Any]) -> dict[str, Any]:
     """Every quantized tensor and the output against onnxruntime running the same graph."""
-    import onnx
-    import onnxruntime as ort
+    from slimgraph.backends.ort import probe_session
 
-    proto = ir.to_proto(model)
-    known = {o.name for o in proto.graph.output}
-    names = [n for n in lowered.quantized if n not in known]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    known = {o.name for o in model.graph.outputs}
+    session, names = probe_session(model, [n for n in lowered.quantized if n not in known])
     results = [session.run([*names, io["output"]["name"]], dict(f)) for f in feeds]
     ort_raw = {name: np.concatenate([r[i] for r in results]).astype(np.int64)
                for i, name in enumerate(names)}

@@ -34,6 +34,7 @@ import numpy as np
 from slimgraph import codegen
 from slimgraph.backends.hls.layers import Layer, Tensor, Window
 from slimgraph.backends.hls.lower import Lowered
+from slimgraph.bits import pack_bits
 from slimgraph.errors import BackendError
 
 HERE = Path(__file__).resolve().parent
@@ -82,12 +83,6 @@ def ctype(bits: int, signed: bool) -> str:
 def _lines(values: np.ndarray, text=str) -> list[str]:
     flat = [text(v) for v in np.asarray(values).reshape(-1)]
     return [", ".join(flat[i:i + VALUES_PER_LINE]) + "," for i in range(0, len(flat), VALUES_PER_LINE)]
-
-
-def pack_signs(weight: np.ndarray) -> np.ndarray:
-    """+1 / -1 weights [O, ...] -> bytes [O, ceil(K / 8)], bit k of row o set where w[o, k] = +1."""
-    rows = (weight.reshape(len(weight), -1) > 0).astype(np.uint8)
-    return np.packbits(rows, axis=1, bitorder="little")
 
 
 class Emitter:
@@ -283,7 +278,8 @@ def _weights(em: Emitter, layer: Layer, code: LayerCode) -> None:
     code.typedefs["acc_t"] = ctype(max(layer.acc_bits, 2), True)
     if kind:
         code.typedefs["w_t"] = "uint8_t"
-        code.weights.append(_array("uint8_t", code.arrays["w"], pack_signs(weights.q)))
+        signs = weights.q.reshape(len(weights.q), -1) > 0  # one packed run per output row
+        code.weights.append(_array("uint8_t", code.arrays["w"], pack_bits(signs, axis=1)))
         code.note = "+1 or -1 weights packed 8 per byte, bit set = +1"
     else:
         code.typedefs["w_t"] = f"sg::wstore<{weights.bits}>::type"  # N bits in synthesis

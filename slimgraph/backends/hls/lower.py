@@ -20,7 +20,6 @@ else uses it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -49,6 +48,7 @@ from slimgraph.backends.hls.layers import (
 )
 from slimgraph.backends.hls.layout import to_hwc
 from slimgraph.errors import BackendError, UnsupportedOpError
+from slimgraph.model_stats import infer_shapes
 
 DEFAULT_PRECISION = "ap_fixed<16,6>"
 PRECISION = re.compile(r"ap_fixed<\s*([0-9]{1,2})\s*,\s*(-?[0-9]{1,2})\s*>")
@@ -572,8 +572,7 @@ class Lowered:
 def lower(model: ir.Model, precision: str | None = None, io: str = "parallel") -> Lowered:
     """The graph as integer layers, or UnsupportedOpError / BackendError before anything is written."""
     model = model.clone()
-    with contextlib.suppress(Exception):  # shapes the graph does not carry (Flatten, Reshape)
-        ir.passes.common.ShapeInferencePass()(model)
+    infer_shapes(model)  # shapes the graph does not carry (Flatten, Reshape)
     lowering = Lowering(model, precision, io)
     inputs, outputs, layers = lowering.run()
     if lowering.float_layers:

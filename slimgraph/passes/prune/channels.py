@@ -26,17 +26,15 @@ one head, and ``round_to`` never applies to heads: a head count is already a mul
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
-from slimgraph.model_stats import layer_macs, param_count, weight_bytes
+from slimgraph.model_stats import infer_shapes, layer_macs, param_count, weight_bytes
 from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channel_groups import (
     FIXED,
@@ -185,7 +183,7 @@ class PruneChannelsPass(SlimgraphPass):
 
     def _dead_relu(self, model: ir.Model, groups: ChannelGroups) -> dict[ir.Node, np.ndarray]:
         """Relu nodes on channel-carrying values -> channels never positive on calibration data."""
-        import onnxruntime as ort
+        from slimgraph.backends.ort import probe_session
 
         if self.calibration is None:
             raise PipelineSpecError("prune-channels: active=true needs calibration data (--calib)")
@@ -193,19 +191,8 @@ class PruneChannelsPass(SlimgraphPass):
                  and not n.outputs[0].is_graph_output()]
         if not relus:
             return {}
-        # The pass runs the graph once on the calibration data; this is the one serialisation.
-        proto = ir.to_proto(model)
-        existing = {o.name for o in proto.graph.output}
-        for node in relus:
-            out = node.outputs[0]
-            if out.name not in existing:
-                proto.graph.output.append(
-                    onnx.helper.make_tensor_value_info(out.name, out.dtype.value, None))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
         names = [n.outputs[0].name for n in relus]
+        session, _ = probe_session(model, names, {"graph_optimization_level": "disabled"})
         peaks = [None] * len(relus)
         for feed in self.calibration:
             for i, array in enumerate(session.run(names, feed)):
@@ -259,8 +246,7 @@ def _node_macs(model: ir.Model) -> dict[str, int]:
 
 
 def _stats(model: ir.Model) -> dict[str, int]:
-    with contextlib.suppress(Exception):
-        ShapeInferencePass()(model)
+    infer_shapes(model)
     return {"params": param_count(model), "weight_bytes": weight_bytes(model),
             "macs": sum(layer.macs for layer in layer_macs(model))}
 
@@ -474,8 +460,7 @@ class _Plan:
         for name in [n for n, v in graph.initializers.items() if not v.uses()]:
             if not graph.initializers[name].is_graph_output():
                 del graph.initializers[name]
-        with contextlib.suppress(Exception):
-            ShapeInferencePass()(model)
+        infer_shapes(model)
 
     def _apply_edit(self, graph: ir.Graph, edit, names: set[str]) -> None:
         node = edit.node

@@ -402,12 +402,9 @@ class PruneLayersPass(SlimgraphPass):
 
 def run_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Every graph output over ``feeds``, concatenated along the batch axis."""
-    from slimgraph.backends.ort import session_for
-    from slimgraph.passes.quantize.calibrate import inputs_of, serialize
+    from slimgraph.backends.ort import run_feeds
 
-    session = session_for(serialize(model), {"intra_op_num_threads": 0,
-                                              "allow_spinning": False})
-    runs = [session.run(None, inputs_of(session, f)) for f in feeds]
+    runs = run_feeds(model, feeds)
     return [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]))]
 
 

@@ -19,9 +19,7 @@ from slimgraph.passes.quantize.layers import quantizable_layers, weight_axis
 from slimgraph.passes.quantize.weight_only import (
     BINARY_WEIGHT_TAG,
     binary_weight,
-    pack_signs,
     quantize_int4_blocks,
-    unpack_signs,
 )
 
 __all__ = [
@@ -37,10 +35,8 @@ __all__ = [
     "first_divergence",
     "int8_target",
     "latency_ratio",
-    "pack_signs",
     "quantizable_layers",
     "quantize_int4_blocks",
     "quantize_weight",
-    "unpack_signs",
     "weight_axis",
 ]

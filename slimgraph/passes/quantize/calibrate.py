@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.backends.ort import inputs_of, probe_session
 from slimgraph.calibration import Feeds
-from slimgraph.passes.quantize.layers import FLOAT
 
 HISTOGRAM_BINS = 2048
 
@@ -117,42 +117,6 @@ def _entropy_range(hist: _Histogram, _: float, step: int = 8) -> tuple[float, fl
             best, best_kl = i, kl
     threshold = best / HISTOGRAM_BINS * amax
     return max(hist.low, -threshold), min(hist.high, threshold)
-
-
-def probe_session(model: ir.Model, names: Sequence[str]):
-    """A session on a copy of ``model`` whose outputs include the named values."""
-    from slimgraph.backends.ort import session_for
-
-    probe = model.clone()
-    values = values_by_name(probe.graph)
-    present = {v.name for v in probe.graph.outputs}
-    for name in names:
-        value = values.get(name)
-        if value is not None and name not in present:
-            if value.type is None:
-                value.dtype = FLOAT
-            probe.graph.outputs.append(value)
-            present.add(name)
-    session = session_for(serialize(probe), {"allow_spinning": False})
-    return session, [n for n in names if n in present]
-
-
-def inputs_of(session, feed: Feeds) -> Feeds:
-    wanted = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feed.items() if k in wanted}
-
-
-def serialize(model: ir.Model) -> bytes:
-    return ir.to_proto(model).SerializeToString()
-
-
-def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        for v in node.outputs:
-            values[v.name] = v
-    return values
-
 
 
 def channel_absmax(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds]) -> dict[str, np.ndarray]:

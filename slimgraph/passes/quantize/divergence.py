@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.backends.ort import inputs_of, probe_session
 from slimgraph.calibration import Feeds
-from slimgraph.passes.quantize.calibrate import inputs_of, probe_session, values_by_name
 from slimgraph.passes.quantize.layers import FLOAT
 
 
@@ -34,7 +34,7 @@ class Divergence:
 def tensor_cosines(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Feeds],
                    dtypes: dict[str, ir.DataType]) -> list[Divergence]:
     """Cosine of every float tensor both graphs compute, in the reference graph's order."""
-    theirs = values_by_name(candidate.graph)
+    theirs = ir.convenience.create_value_mapping(candidate.graph, include_subgraphs=False)
     names, producers = [], {}
     for node in reference.graph:
         for v in node.outputs:

@@ -16,17 +16,15 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common
 
+from slimgraph.backends.ort import run_feeds
 from slimgraph.calibration import Feeds, split_held_out
+from slimgraph.model_stats import infer_shapes
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.quantize.calibrate import (
     channel_absmax,
     channel_statistics,
     collect_ranges,
-    inputs_of,
-    serialize,
-    values_by_name,
 )
 from slimgraph.passes.quantize.divergence import tensor_cosines
 from slimgraph.passes.quantize.embedding import embedding_tables, quantize_embeddings
@@ -298,7 +296,7 @@ class InsertQDQPass(SlimgraphPass):
                 raise ValueError("the accuracy guard (tolerance=) needs calibration samples")
             self.report.notes.append("accuracy guard: no held-out or verification data; not run")
             return keep_float
-        reference = _run_all(model, data)
+        reference = run_feeds(model, data)
         names = [v.name for v in model.graph.outputs]
         rank_data = _first_samples(data, GUARD_RANK_SAMPLES)
         rank_reference = reference[: len(rank_data)]
@@ -309,11 +307,11 @@ class InsertQDQPass(SlimgraphPass):
             return candidate
 
         def failures(keep: set[str]) -> tuple[list[str], list]:
-            metrics = compare_outputs(names, reference, _run_all(built(keep), data))
+            metrics = compare_outputs(names, reference, run_feeds(built(keep), data))
             return check_metrics(metrics, target, self.check_top1), metrics
 
         def rank_cosine(keep: set[str]) -> float:
-            return _min_cosine(rank_reference, _run_all(built(keep), rank_data))
+            return _min_cosine(rank_reference, run_feeds(built(keep), rank_data))
 
         missed, metrics = failures(keep_float)
         self.report.notes.append(f"accuracy guard: all layers int8 -> {_describe(metrics)} "
@@ -532,13 +530,6 @@ def _describe_tolerance(tolerance: Tolerance, top1: bool) -> str:
     return text + (f", top-1 >= {tolerance.min_top1:g}" if top1 else "")
 
 
-def _run_all(model: ir.Model, feeds: list[Feeds]) -> list[list[np.ndarray]]:
-    from slimgraph.backends.ort import session_for
-
-    session = session_for(serialize(model), {"allow_spinning": False})
-    return [session.run(None, inputs_of(session, f)) for f in feeds]
-
-
 def _min_cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
     from slimgraph.verify import compare_outputs
 
@@ -550,11 +541,11 @@ def _dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     """Element type of every value, with shape inference on a copy where the graph lacks types."""
     probe = model.clone()
     if any(v.dtype is None for n in probe.graph for v in n.outputs):
-        try:
-            common.ShapeInferencePass()(probe)
-        except Exception as exc:  # onnx shape inference rejects some valid graphs
-            logger.info("quantize: shape inference failed (%s); using the types present", exc)
-    dtypes = {name: v.dtype for name, v in values_by_name(probe.graph).items() if v.dtype is not None}
+        failure = infer_shapes(probe)
+        if failure:  # onnx shape inference rejects some valid graphs
+            logger.info("quantize: shape inference failed (%s); using the types present", failure)
+    dtypes = {name: v.dtype for name, v in ir.convenience.create_value_mapping(
+        probe.graph, include_subgraphs=False).items() if v.dtype is not None}
     for name, v in probe.graph.initializers.items():
         if v.const_value is not None:
             dtypes[name] = v.const_value.dtype

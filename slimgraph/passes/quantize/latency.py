@@ -7,8 +7,8 @@ import time
 
 import onnx_ir as ir
 
+from slimgraph.backends.ort import inputs_of, serialize
 from slimgraph.calibration import Feeds
-from slimgraph.passes.quantize.calibrate import inputs_of, serialize
 
 SPEED_BUDGET_S = 1.5  # seconds of timed calls the speed guard spends
 _SPEED_MIN_ROUNDS, _SPEED_MAX_ROUNDS = 15, 2000

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.backends.ort import inputs_of, probe_session
 from slimgraph.calibration import Feeds
-from slimgraph.passes.quantize.calibrate import inputs_of, probe_session
 from slimgraph.passes.quantize.layers import layer_ids, weight_axis
 
 SAMPLE_ROWS = 2048

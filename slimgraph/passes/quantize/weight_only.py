@@ -10,21 +10,21 @@ batch 1). ``format=nbits`` emits MatMulNBits directly (same values and scales, s
 ``matmul_nbits``); measured in ``benchmarks/quantize_int4_nbits.py``.
 
 binary (XNOR-Net weights): ``W ~ sign(W) * alpha_c`` with ``alpha_c = mean |W_c|`` per output
-channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight,
-and decoded by standard ops on initializers only (see ``_binary_decode``); alpha and the layer's
-bias are stored as float16 (a Cast widens them at load, folded like the decode). ``acts=binary``
+channel (the L2-optimal scale for a fixed sign pattern). Signs are stored packed, 1 bit per weight
+(``slimgraph.bits``: least significant bit first), and decoded by standard ops on initializers
+only (see ``_binary_decode``); alpha and the layer's bias are stored as float16 (a Cast widens
+them at load, folded like the decode). ``acts=binary``
 also binarises each binary layer's input, ``x_b = Sign(x)`` (0 stays 0), so the layer computes
 ``alpha_c * (sign(W_c) . sign(x)) + b_c``: the XNOR-popcount product of XNOR networks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from slimgraph.bits import BIT_SHIFTS, pack_signs
 from slimgraph.passes.quantize.int8 import replace_gemm
 from slimgraph.passes.quantize.layers import (
     FLOAT,
@@ -79,18 +79,6 @@ def quantize_int4_blocks(weight: np.ndarray, axis: int, block: int,
             np.moveaxis(scales, 0, axis).astype(np.float32))
 
 
-def pack_signs(weight: np.ndarray) -> np.ndarray:
-    """One bit per weight, 1 where w >= 0, packed big-endian into uint8 (np.packbits order)."""
-    return np.packbits((weight.ravel() >= 0).astype(np.uint8))
-
-
-def unpack_signs(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """The +1/-1 float32 array ``pack_signs`` stored."""
-    n = int(np.prod(shape))
-    bits = np.unpackbits(packed)[:n].astype(np.float32)
-    return (bits * 2 - 1).reshape(shape)
-
-
 def binary_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """XNOR-Net binary weights: (packed signs, alpha = mean |W| per output channel along ``axis``)."""
     moved = np.moveaxis(np.abs(weight.astype(np.float64)), axis, 0)
@@ -115,7 +103,7 @@ def _binary_decode(
     shape = [1] * weight.ndim
     shape[axis] = -1
     common_consts = {
-        "shifts": np.arange(7, -1, -1, dtype=np.uint8),
+        "shifts": BIT_SHIFTS,
         "two_u8": np.array(2, np.uint8),
         "axes": np.array([1], np.int64),
         "two": np.array(2, np.float32),

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.artifact import PACK_PRESET
+from slimgraph.bits import BIT_SHIFTS, pack_bits
 from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channels import _QDQ_OPS, PruneChannelsPass
 from slimgraph.passes.quantize.layers import Namer, add_initializer
@@ -128,7 +129,7 @@ class FoldSparsePass(SlimgraphPass):
         if min(bitmask_bytes, relative_bytes) + DECODE_OVERHEAD >= array.nbytes:
             return None
         stem = f"{name}.sparse"
-        packed = np.packbits(keep, bitorder="little").reshape(-1, 1)
+        packed = pack_bits(keep).reshape(-1, 1)
         if self.positions == "bitmask" or self.positions == "auto" and (
                 _coded(packed) + (nnz + 1) * item <= _coded(gaps) + gaps.size * item):
             values = np.concatenate([np.zeros(1, flat.dtype), flat[keep]])
@@ -156,7 +157,7 @@ def _const(graph: ir.Graph, namer: Namer, stem: str, array) -> ir.Value:
 def _bitmask_decode(graph, namer, stem, packed, values, n, shape):
     g = lambda base, a: _const(graph, namer, f"{stem}.{base}", a)  # noqa: E731
     shifted = _node(namer, stem, "BitShift", [g("bits", packed),
-                                              g("shifts", np.arange(8, dtype=np.uint8)[None])],
+                                              g("shifts", BIT_SHIFTS[None])],
                     direction="RIGHT")
     bit = _node(namer, stem, "Mod", [shifted.outputs[0], g("two", np.array([2], np.uint8))])
     flat = _node(namer, stem, "Reshape", [bit.outputs[0], g("flat", np.array([-1], np.int64))])
