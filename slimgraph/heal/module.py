@@ -30,7 +30,7 @@ from torch import nn
 
 from slimgraph.bits import pack_signs
 from slimgraph.errors import UnsupportedOpError
-from slimgraph.heal.ops import OPS, QUANT_RANGES, as_list, expand_qparam, fake_quant, supported
+from slimgraph.heal.ops import QUANT_RANGES, as_list, bind, expand_qparam, fake_quant, resolve
 
 BINARY_WEIGHT_TAG = "slimgraph.binary_weight"  # the quantize pass's tag on a binary decode
 CODEBOOK_ZERO_TAG = "slimgraph.codebook_zero"  # share-weights: the Gather's codebook[0] stays 0
@@ -110,8 +110,6 @@ def _attrs(node: ir.Node) -> dict[str, Any]:
             value = attr.value
             out[name] = list(value) if isinstance(value, (tuple, list)) else (
                 int(value) if isinstance(value, ir.DataType) else value)
-    if node.op_type == "Split" and "num_outputs" not in out:  # before opset 18: one per output
-        out["num_outputs"] = len(node.outputs)
     return out
 
 
@@ -129,10 +127,33 @@ def layer_taps(student: ir.Model, teacher: ir.Model) -> list[str]:
             if n.op_type == "LayerNormalization" and n.outputs[0].name in produced]
 
 
+def _opset(model: ir.Model, domain: str) -> int | None:
+    if domain in ("", "ai.onnx"):
+        return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    return model.opset_imports.get(domain)
+
+
+def _bound(model: ir.Model, node: ir.Node) -> tuple[Callable, dict[str, Any]] | str:
+    """The op for ``node`` under the model's opset with its keyword arguments, or why not."""
+    op = resolve(node.op_type, node.domain, _opset(model, node.domain))
+    if op is None:
+        return ""
+    try:
+        return op, bind(op, _attrs(node), len(node.outputs))
+    except ValueError as exc:  # an attribute the op does not declare
+        return str(exc)
+
+
 def unsupported_nodes(model: ir.Model) -> list[str]:
-    """``OpType (node name)`` for every node the interpreter cannot run, in graph order."""
-    return [f"{n.domain + '.' if n.domain not in ('', 'ai.onnx') else ''}{n.op_type} ({n.name})"
-            for n in model.graph if not supported(n.op_type, n.domain)]
+    """``OpType (node name)`` for every node the interpreter cannot run under the model's opset,
+    with the reason where it is an attribute, in graph order."""
+    out = []
+    for n in model.graph:
+        bound = _bound(model, n)
+        if isinstance(bound, str):
+            domain = n.domain + "." if n.domain not in ("", "ai.onnx") else ""
+            out.append(f"{domain}{n.op_type} ({n.name}{': ' + bound if bound else ''})")
+    return out
 
 
 def _consumers(value: ir.Value) -> list[tuple[ir.Node, int]]:
@@ -224,8 +245,8 @@ class GraphModule(nn.Module):
 
         raw = {name: _to_torch(v.const_value.numpy()) for name, v in self._initializers.items()
                if v.const_value is not None}
-        steps = [_Step([o.name for o in n.outputs], [i.name if i is not None else None
-                                                     for i in n.inputs], n, OPS[n.op_type], _attrs(n))
+        steps = [_Step([o.name for o in n.outputs],
+                       [i.name if i is not None else None for i in n.inputs], n, *_bound(model, n))
                  for n in graph]
         static = self._static_env(steps, raw)
 
@@ -293,11 +314,11 @@ class GraphModule(nn.Module):
         with torch.no_grad():
             for step in steps:
                 if step.node is not None and step.node.op_type == "Constant":
-                    out[step.outputs[0]] = step.op([], step.attrs)
+                    out[step.outputs[0]] = step.op(**step.attrs)
                     continue
                 if step.inputs and all(i is None or i in out for i in step.inputs):
-                    results = as_list(step.op([out.get(i) if i else None for i in step.inputs],
-                                              step.attrs))
+                    results = as_list(step.op(*[out.get(i) if i else None for i in step.inputs],
+                                              **step.attrs))
                     out.update(zip(step.outputs, results, strict=False))
         return out
 
@@ -331,7 +352,7 @@ class GraphModule(nn.Module):
             key = self._add_param(x.name, static[node.outputs[0].name].float())
             self._dtype[x.name] = static[x.name].dtype
         attrs = _attrs(node)
-        q = QuantizedWeight(node, x, key, QUANT_RANGES[int(x.const_value.dtype)],
+        q = QuantizedWeight(node, x, key, QUANT_RANGES[x.const_value.dtype],
                             attrs.get("axis", 1), attrs.get("block_size", 0))
         self.quantized.append(q)
         names = [scale.name, zp.name if zp is not None else None]
@@ -406,7 +427,8 @@ class GraphModule(nn.Module):
                 env[step.outputs[0]] = step.run(env)
                 continue
             try:
-                results = as_list(step.op([env[i] if i else None for i in step.inputs], step.attrs))
+                results = as_list(step.op(*[env[i] if i else None for i in step.inputs],
+                                          **step.attrs))
             except torch.OutOfMemoryError:  # the machine's limit, not the node's: keep its type
                 raise
             except (NotImplementedError, RuntimeError, TypeError, IndexError, ValueError,
