@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "slimgraph"
 LAYERS = [
     {"errors"},
-    {"bits", "tolerance", "timing", "artifact", "calibration", "codegen", "verify", "model_stats",
+    {"bits", "tags", "tolerance", "timing", "artifact", "calibration", "codegen", "verify", "model_stats",
      "report_md"},
     {"frontend", "backends"},
     {"passes", "heal", "parallel", "advise"},

@@ -31,9 +31,8 @@ from torch import nn
 from slimgraph.bits import pack_signs
 from slimgraph.errors import UnsupportedOpError
 from slimgraph.heal.ops import QUANT_RANGES, as_list, bind, expand_qparam, fake_quant, resolve
+from slimgraph.tags import BINARY_WEIGHT_TAG, CODEBOOK_ZERO_TAG
 
-BINARY_WEIGHT_TAG = "slimgraph.binary_weight"  # the quantize pass's tag on a binary decode
-CODEBOOK_ZERO_TAG = "slimgraph.codebook_zero"  # share-weights: the Gather's codebook[0] stays 0
 _INTEGER_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4,
                             ir.DataType.UINT4, ir.DataType.INT32, ir.DataType.INT16})
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})

@@ -45,7 +45,7 @@ from slimgraph.passes.prune.channel_groups import (
     constant_array,
     layer_name,
 )
-from slimgraph.tolerance import Tolerance
+from slimgraph.tolerance import CALIBRATED, LOSSY
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ IMPORTANCES = ("l1", "l2", "bn")
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                       "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 SCOPES = ("layer", "global")
-# Importance pruning before recovery training promises outputs of the right shape that still
-# point the same way as the reference, not accuracy; its cost is measured in benchmarks/.
-LOSSY = Tolerance(max_rel_err=10.0, min_cosine=0.0, min_top1=0.0)
-# Dead Relu channels are exact on the calibration data, not on every input.
-CALIBRATED = Tolerance(max_rel_err=1e-2, min_cosine=0.999, min_top1=0.99)
 
 
 @dataclasses.dataclass

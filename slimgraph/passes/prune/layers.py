@@ -39,7 +39,8 @@ from slimgraph.errors import PipelineSpecError
 from slimgraph.model_stats import layer_macs
 from slimgraph.passes.base import SlimgraphPass, one_of
 from slimgraph.passes.prune.channel_groups import layer_name
-from slimgraph.passes.prune.channels import LOSSY
+from slimgraph.tags import TORCH_NAME_SCOPES
+from slimgraph.tolerance import LOSSY
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def find_units(model: ir.Model) -> list[Unit]:
 def _unit_name(nodes: list[ir.Node]) -> str | None:
     scopes = []
     for node in nodes:
-        raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        raw = node.metadata_props.get(TORCH_NAME_SCOPES)
         if raw is None:
             scopes = []
             break

@@ -48,7 +48,7 @@ from slimgraph.passes.quantize.smooth import (
     smoothing_groups,
 )
 from slimgraph.passes.quantize.weight_only import apply_weight_only, quantize_int4_blocks
-from slimgraph.tolerance import Tolerance
+from slimgraph.tolerance import BINARY, INT4, INT8, Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ BLOCK_SIZES = (32, 64, 128)
 INT4_FORMATS = ("qdq", "nbits")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 ACTIVATION_TYPES = ("auto", "u8", "s8")
-INT8_TOLERANCE = Tolerance(max_rel_err=0.25, min_cosine=0.99, min_top1=0.97)
-INT4_TOLERANCE = Tolerance(max_rel_err=0.5, min_cosine=0.97, min_top1=0.9)
-# Binary weights without retraining keep little of a model's function: verification records the
-# metrics but nothing is enforced (recovery by fine-tuning is a separate step).
-BINARY_TOLERANCE = Tolerance(max_rel_err=1e9, min_cosine=-1.0, min_top1=0.0)
 _SEARCH_ROWS = 1024  # calibration rows per smoothed input that smooth=auto scores candidates on
 GUARD_RANK_SAMPLES = 64  # samples each layer's sensitivity is measured on
 GUARD_FLOAT_SHARE_PCT = 25  # default max_float: a quarter of the layers (int8 keeps its speed)
@@ -86,7 +81,7 @@ class InsertQDQPass(SlimgraphPass):
     """
 
     name = "quantize"
-    tolerance: ClassVar[Tolerance] = INT8_TOLERANCE
+    tolerance: ClassVar[Tolerance] = INT8
     needs_calibration = True
     wants_verification = True
 
@@ -471,14 +466,14 @@ def _check_options(
 def _declared_tolerance(mode: str, tolerance: float | None) -> Tolerance:
     """The mode's tolerance, its cosine set by ``tolerance=`` (for int8: lowered to it, never raised)."""
     if mode == "int4":
-        return INT4_TOLERANCE if tolerance is None else dataclasses.replace(
-            INT4_TOLERANCE, min_cosine=tolerance)
+        return INT4 if tolerance is None else dataclasses.replace(
+            INT4, min_cosine=tolerance)
     if mode == "binary":
-        return BINARY_TOLERANCE if tolerance is None else dataclasses.replace(
-            BINARY_TOLERANCE, min_cosine=tolerance)
+        return BINARY if tolerance is None else dataclasses.replace(
+            BINARY, min_cosine=tolerance)
     return (
-        INT8_TOLERANCE if tolerance is None
-        else dataclasses.replace(INT8_TOLERANCE, min_cosine=min(tolerance, INT8_TOLERANCE.min_cosine))
+        INT8 if tolerance is None
+        else dataclasses.replace(INT8, min_cosine=min(tolerance, INT8.min_cosine))
     )
 
 

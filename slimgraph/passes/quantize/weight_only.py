@@ -38,9 +38,7 @@ from slimgraph.passes.quantize.layers import (
     replace_node,
     weight_axis,
 )
-
-BINARY_WEIGHT_TAG = "slimgraph.binary_weight"
-
+from slimgraph.tags import BINARY_WEIGHT_TAG
 
 CLIP_RATIOS = tuple(np.linspace(0.6, 1.0, 17))  # block scales tried, as fractions of max|block|
 

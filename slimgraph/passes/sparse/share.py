@@ -27,11 +27,10 @@ import onnx_ir as ir
 
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass, one_of
-from slimgraph.passes.prune.channels import LOSSY
 from slimgraph.passes.quantize.layers import Namer, add_initializer
 from slimgraph.passes.sparse.sparsify import SCOPES, refuse_quantized, weighted_layers
-
-CODEBOOK_ZERO_TAG = "slimgraph.codebook_zero"  # on a Gather whose codebook entry 0 is a fixed zero
+from slimgraph.tags import CODEBOOK_ZERO_TAG
+from slimgraph.tolerance import LOSSY
 
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:

@@ -28,8 +28,9 @@ import onnx_ir as ir
 
 from slimgraph.errors import PipelineSpecError, UnsupportedOpError
 from slimgraph.passes.base import SlimgraphPass, one_of
-from slimgraph.passes.prune.channels import _QDQ_OPS, LOSSY
+from slimgraph.passes.prune.channels import _QDQ_OPS
 from slimgraph.passes.quantize.layers import LAYER_OPS, constant_weight, layer_ids
+from slimgraph.tolerance import LOSSY
 
 logger = logging.getLogger(__name__)
 
