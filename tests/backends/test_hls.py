@@ -401,3 +401,23 @@ def test_ap_types_that_are_not_there_fail_before_writing(mixed_int8: ir.Model,
         HLS.build(mixed_int8, tmp_path / "out", {"ap_types": str(tmp_path)},
                   feeds=[{"x": _images(2, 1)}])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("groups, bits", [(1, 8), (2, 8), (8, 8), (1, 40)])
+def test_reference_products_are_exact_integers(groups: int, bits: int) -> None:
+    """The integer reference's conv (float64 BLAS where exact, int64 past 2^53) against int64
+    einsum, with grouped, depthwise and too-wide-for-float64 weights."""
+    from slimgraph.backends.hls.reference import _conv, _grouped_products
+
+    rng = np.random.default_rng(groups + bits)
+    top = 2 ** (bits - 1)
+    windows = rng.integers(-255, 256, (3, 8, 5, 4, 3, 3), dtype=np.int64)
+    weight = rng.integers(-top, top, (8, 8 // groups, 3, 3), dtype=np.int64)
+    w = weight.reshape(groups, -1, 8 // groups, 3, 3)
+    win = windows.reshape(3, groups, 8 // groups, 5, 4, 3, 3)
+    want = np.einsum("bgchwij,gocij->bgohw", win, w).reshape(3, -1, 5, 4)
+    got = _conv(windows, weight, groups)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    x, dense = rng.integers(-255, 256, (6, 50)), rng.integers(-top, top, (7, 50))
+    np.testing.assert_array_equal(_grouped_products(x[None], dense[None])[0], x @ dense.T)

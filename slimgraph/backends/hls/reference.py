@@ -13,15 +13,45 @@ from slimgraph.backends.hls.layers import Format, Layer, Window
 from slimgraph.backends.hls.layout import to_hwc
 from slimgraph.backends.hls.lower import Lowered
 
+# Float64 sums of integer products are exact while every partial sum stays below 2^53.
+_EXACT_IN_FLOAT64 = 2.0**53
+_ROWS_PER_CHUNK = 1 << 16  # output pixels per matrix product: bounds the unfolded windows' memory
+
 
 def rounding_shift(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``values / 2^shift`` rounded to nearest, ties to even (int64 in and out)."""
-    shift = np.broadcast_to(shift, values.shape).astype(np.int64)
+    """``values / 2^shift`` rounded to nearest, ties to even (int64 in and out). ``shift``
+    broadcasts against ``values`` (per channel) and is not expanded to their size."""
+    shift = np.asarray(shift, np.int64)
     floor = values >> shift
     remainder = values - (floor << shift)
-    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 1)
-    up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1) & (shift > 0))
+    positive = shift > 0
+    half = np.where(positive, np.int64(1) << np.maximum(shift - 1, 0), 1)
+    up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1) & positive)
     return floor + up
+
+
+def _grouped_products(cols: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``cols`` [G, R, K] times ``weight`` [G, O, K] -> [G, R, O], exact int64: through float64
+    BLAS where no sum can reach 2^53 (every int8 and fixed-point layer), else in int64."""
+    bound = float(np.abs(cols).max(initial=0)) * float(np.abs(weight).max(initial=0)) * cols.shape[-1]
+    if bound >= _EXACT_IN_FLOAT64:
+        return np.matmul(cols, weight.transpose(0, 2, 1))
+    w = weight.astype(np.float64).transpose(0, 2, 1)
+    out = np.empty((cols.shape[0], cols.shape[1], weight.shape[1]), np.int64)
+    for start in range(0, cols.shape[1], _ROWS_PER_CHUNK):
+        part = cols[:, start:start + _ROWS_PER_CHUNK].astype(np.float64)
+        out[:, start:start + _ROWS_PER_CHUNK] = np.rint(np.matmul(part, w))
+    return out
+
+
+def _conv(windows: np.ndarray, weight: np.ndarray, groups: int) -> np.ndarray:
+    """Windows [B, C, HO, WO, KH, KW] and weights [O, C / groups, KH, KW] -> [B, O, HO, WO]."""
+    b, c, ho, wo, kh, kw = windows.shape
+    per, out_per = c // groups, weight.shape[0] // groups
+    cols = windows.reshape(b, groups, per, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    cols = cols.reshape(groups, b * ho * wo, per * kh * kw)
+    acc = _grouped_products(cols, weight.reshape(groups, out_per, per * kh * kw))
+    return acc.reshape(groups, b, ho, wo, out_per).transpose(1, 0, 4, 2, 3).reshape(b, -1, ho, wo)
 
 
 def quantize_input(x: np.ndarray, fmt: Format) -> np.ndarray:
@@ -63,17 +93,12 @@ def run_layer(layer: Layer, args: list[np.ndarray], stream: bool) -> np.ndarray:
     if kind in ("conv", "dense", "avgpool", "requant"):
         x = args[0] - layer.inputs[0].fmt.zero_point
         if kind == "conv":
-            windows = _windows(x, p.window, 0)  # a padded position is the real value 0
-            groups, weight = p.groups, p.weights.q
-            b, c, ho, wo = windows.shape[:4]
-            per = c // groups
-            w = weight.reshape(groups, -1, per, *weight.shape[2:])
-            win = windows.reshape(b, groups, per, ho, wo, *windows.shape[4:])
-            acc = np.einsum("bgchwij,gocij->bgohw", win, w).reshape(b, -1, ho, wo)
+            # A padded position is the real value 0.
+            acc = _conv(_windows(x, p.window, 0), p.weights.q, p.groups)
         elif kind == "dense":
             if stream and x.ndim == 4:
                 x = to_hwc(x)
-            acc = x.reshape(len(x), -1) @ p.weights.q.T
+            acc = _grouped_products(x.reshape(1, len(x), -1), p.weights.q[None])[0]
         elif kind == "avgpool":
             acc = _windows(x, p.window, 0).sum(axis=(4, 5))
             acc = acc.reshape((len(x), *layer.output.shape))
