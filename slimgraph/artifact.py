@@ -104,9 +104,10 @@ def file_hashes(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str,
     }
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Deterministic JSON: sorted keys, fixed indent, trailing newline."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: Path, data: Any, indent: int = 2) -> None:
+    """Deterministic JSON: sorted keys, fixed indent, trailing newline. Every JSON file slimgraph
+    writes goes through here."""
+    path.write_text(json.dumps(data, indent=indent, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

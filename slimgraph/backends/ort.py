@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from slimgraph.artifact import write_json
 from slimgraph.backends.base import BuiltArtifact
 from slimgraph.calibration import Feeds
 from slimgraph.errors import BackendError
@@ -218,7 +219,7 @@ class OrtBackend:
                   "providers": self._providers_names()}
         out = root / self.name
         out.mkdir(parents=True, exist_ok=True)
-        (out / "session.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(out / "session.json", config)
         return BuiltArtifact(self.name, root, [f"{self.name}/session.json"], config,
                              f"{self.name}/session.json")
 

@@ -614,6 +614,9 @@ def _actor_class(ray, cpus: float):
 
 def _ray_replicas(ray, art: _Artifact, batches: list, workers: int, threads: int | None, bar,
                   on_result) -> tuple[list, int, float]:
+    """Batches over ``workers`` replicas, each in its own slot. Hand-written rather than
+    ray.util.ActorPool: the pool keeps one task per actor (here two, so a replica never idles
+    between batches) and returns no batch index to check a retried task against."""
     model = ray.put(art.models[0])
     share = _cpu_share(ray, art, workers)
     threads = threads or max(1, int(share))

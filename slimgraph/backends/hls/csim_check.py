@@ -3,7 +3,6 @@ and every quantized tensor against onnxruntime's execution of the same graph."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.artifact import write_json
 from slimgraph.backends.hls import reference
 from slimgraph.backends.hls.csim import (
     AP_OUTPUTS_FILE,
@@ -151,5 +151,5 @@ def _agreement(pairs) -> dict[str, Any]:
 
 def _write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_json(path, data, indent=1)
     return path

@@ -22,6 +22,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph.artifact import write_json
 from slimgraph.backends.base import BuiltArtifact
 from slimgraph.backends.tvm.lower import prepare_for_import
 from slimgraph.backends.tvm.runtime import IO_FILE, LIBRARY_FILE, TensorSpec, load_runner
@@ -149,7 +150,7 @@ class TvmBackend:
             "outputs": [dataclasses.asdict(s) for s in outputs],
             "threads": config.get("threads", 0),
         }
-        (out / IO_FILE).write_text(json.dumps(io, indent=2, sort_keys=True) + "\n")
+        write_json(out / IO_FILE, io)
         config.pop("cache_dir")  # a local path; the tuning record says where the database is keyed
         config["target"] = json.loads(str(target))  # Target prints as its JSON dict
         config["untuned"] = not config["tune"]

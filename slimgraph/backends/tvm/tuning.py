@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from slimgraph.artifact import write_json
 from slimgraph.errors import BackendError
 
 TUNE_SEED = 0
@@ -117,7 +118,7 @@ def tune(mod, target, config: dict[str, Any], backend: str) -> dict[str, Any]:
         record = {"trials": trials, "tasks": len(tasks), "trials_per_round": per_round,
                   "layout": layout, "key": key,
                   "seconds": round(time.perf_counter() - started, 1)}
-        record_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json(record_file, record)
         cache = "miss"
     else:
         cache = "hit"

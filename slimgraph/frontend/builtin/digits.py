@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from slimgraph.artifact import write_json
 from slimgraph.frontend.builtin import EvalData, TrainSplit
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def save_trained(module: torch.nn.Module, name: str, out_dir: Path, record: dict
     }
     for suffix, write in (
         (".safetensors", lambda p: save_file(state, p)),
-        (".json", lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n")),
+        (".json", lambda p: write_json(Path(p), record)),
     ):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}", suffix=suffix)
         os.close(fd)

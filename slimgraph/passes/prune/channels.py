@@ -451,10 +451,7 @@ class _Plan:
         for value in self.groups.maps:
             if not value.is_graph_input() and not value.is_graph_output():
                 value.shape = None
-        RemoveUnusedNodesPass()(model)
-        for name in [n for n, v in graph.initializers.items() if not v.uses()]:
-            if not graph.initializers[name].is_graph_output():
-                del graph.initializers[name]
+        RemoveUnusedNodesPass()(model)  # and the initializers nothing reads any more
         infer_shapes(model)
 
     def _apply_edit(self, graph: ir.Graph, edit, names: set[str]) -> None:

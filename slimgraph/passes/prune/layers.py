@@ -394,7 +394,7 @@ class PruneLayersPass(SlimgraphPass):
         feeds = self.calibration.batched(16)
         reference = run_outputs(model, feeds)
         for unit in units:
-            trial = ir.from_proto(ir.to_proto(model))
+            trial = model.clone()
             twin = next(u for u in find_units(trial) if u.name == unit.name)
             remove_unit(trial, twin)
             unit.score = max(0.0, 1.0 - _mean_cosine(run_outputs(trial, feeds), reference))
