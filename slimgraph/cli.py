@@ -284,9 +284,8 @@ def _split(text: str) -> list[str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from slimgraph.bench import bench
+    from slimgraph.progress import progress_bar
 
     try:
         batches = [int(b) for b in _split(args.batch)]
@@ -295,8 +294,7 @@ def _bench(args: argparse.Namespace) -> int:
     # A variant spec uses '+' between passes, since ',' separates the variants themselves.
     variants = [v.replace("+", ",") for v in _split(args.variants)]
     console = Console(stderr=True, quiet=args.quiet or args.json)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True) as bar:
+    with progress_bar("{task.description}", console=console, time_left=False) as bar:
         task = bar.add_task("load", total=None)
 
         def on_progress(what: str, done: int, total: int) -> None:

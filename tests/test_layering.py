@@ -10,8 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "slimgraph"
 LAYERS = [
     {"errors"},
-    {"bits", "tags", "tolerance", "timing", "artifact", "calibration", "codegen", "verify", "model_stats",
-     "report_md"},
+    {"bits", "progress", "tags", "tolerance", "timing", "artifact", "calibration", "codegen",
+     "verify", "model_stats", "report_md"},
     {"frontend", "backends"},
     {"passes", "heal", "parallel", "advise"},
     {"export", "bench"},

@@ -497,15 +497,12 @@ class _NoBar:
 
 
 class _Bar:
-    """Samples done, as a transient rich bar on stderr (rich: the project's one progress library)."""
+    """Samples done, on the project's progress bar."""
 
     def __init__(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from slimgraph.progress import progress_bar
 
-        self.progress = Progress(TextColumn("run"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("samples"), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=True)
+        self.progress = progress_bar("run", "samples")
         self.progress.start()
         self.task = self.progress.add_task("run", total=total)
 

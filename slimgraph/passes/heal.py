@@ -329,12 +329,9 @@ class _progress:
             return report
         if not sys.stderr.isatty():
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from slimgraph.progress import progress_bar
 
-        self.bar = Progress(TextColumn("heal"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"),
-                            TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
-                            transient=True)
+        self.bar = progress_bar("heal", "loss {task.fields[loss]}", "{task.fields[rate]} samples/s")
         self.bar.start()
         task = self.bar.add_task("heal", total=self.steps, loss="-", rate="-")
 
