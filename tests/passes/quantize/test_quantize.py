@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import make_tiny_cnn  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph
@@ -29,9 +29,6 @@ from slimgraph.passes.quantize import (
 from slimgraph.passes.quantize.calibrate import channel_absmax, channel_statistics
 from slimgraph.passes.quantize.divergence import tensor_cosines
 from slimgraph.passes.quantize.smooth import alpha_factors, search_factors, smooth_layers, smoothing_groups
-
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from conftest import make_tiny_cnn  # noqa: E402
 
 
 def _run(model: onnx.ModelProto | ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
