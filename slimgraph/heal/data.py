@@ -59,9 +59,7 @@ class TrainingData:
             missing = missing[np.argsort(lengths[missing], kind="stable")]
         for start in range(0, len(missing), TEACHER_BATCH):
             chunk = missing[start:start + TEACHER_BATCH]
-            feeds = {k: v[chunk] for k, v in self.inputs.items()}
-            if lengths is not None:
-                feeds = trimmed(feeds, lengths[chunk])
+            feeds = trimmed({k: v[chunk] for k, v in self.inputs.items()}, lengths, chunk)
             outputs = self.teacher(feeds)
             if self._teacher_outputs is None:
                 self._teacher_outputs = [np.zeros((n, *o.shape[1:]), np.float32) for o in outputs]

@@ -124,9 +124,13 @@ def text_lengths(inputs: dict[str, np.ndarray]) -> np.ndarray | None:
     return np.where(set_columns.any(1), mask.shape[1] - np.argmax(set_columns[:, ::-1], axis=1), 1)
 
 
-def trimmed(feeds: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """``feeds`` cut to the longest of ``lengths`` (at least 2 columns, torch.export's minimum)."""
-    width = max(2, int(lengths.max()))
+def trimmed(feeds: dict[str, np.ndarray], lengths: np.ndarray | None,
+            rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``feeds`` cut to the longest of ``lengths`` (of the samples ``rows`` where given), at least
+    2 columns (torch.export's minimum); as they are where ``lengths`` is None (not text)."""
+    if lengths is None:
+        return feeds
+    width = max(2, int((lengths if rows is None else lengths[rows]).max()))
     return {k: v[:, :width] for k, v in feeds.items()}
 
 
@@ -188,9 +192,7 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], teacher: np.nd
                                        lengths)):
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * _schedule(step, config.steps)
-        arrays = {k: inputs[k][idx] for k in names}
-        if lengths is not None:
-            arrays = trimmed(arrays, lengths[idx])
+        arrays = trimmed({k: inputs[k][idx] for k in names}, lengths, idx)
         feeds = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
         target = torch.from_numpy(teacher[idx]).to(device)
         y = torch.from_numpy(labels[idx]).to(device) if labels is not None else None

@@ -283,9 +283,7 @@ def _held_out_scorer(data: Any, trim: bool, device: str):
     def evaluate(module: Any) -> float:
         outputs = []
         for feed in data.held_out:
-            lengths = text_lengths(feed) if trim else None
-            if lengths is not None:
-                feed = trimmed(feed, lengths)
+            feed = trimmed(feed, text_lengths(feed) if trim else None)
             out = module(**{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in feed.items()})
             outputs.append(out[0].float().cpu().numpy())
         return score_outputs(outputs, data).value
