@@ -97,3 +97,26 @@ def test_bad_variant_fails_before_work(tiny_cnn_path, tmp_path):
     with pytest.raises(PipelineSpecError, match="unknown pass"):
         bench(tiny_cnn_path, tmp_path / "b", variants=["fp32", "no-such-pass"])
     assert not (tmp_path / "b").exists()
+
+
+def test_a_failed_memory_probe_leaves_the_cell_empty_and_other_errors_keep_their_type(monkeypatch):
+    import subprocess
+    import types
+
+    import slimgraph.bench.peers as peers
+    from slimgraph.bench.run import _peak_memory
+
+    row = types.SimpleNamespace(artifact_dir="a", backend="ort-cpu")
+
+    def child_failed(*args):
+        raise subprocess.CalledProcessError(1, ["memprobe"])
+
+    monkeypatch.setattr(peers, "probe_peak_memory", child_failed)
+    assert _peak_memory(row, {}, None, 1) is None
+
+    def bug(*args):
+        raise AttributeError("a bug, not a failed probe")
+
+    monkeypatch.setattr(peers, "probe_peak_memory", bug)
+    with pytest.raises(AttributeError):
+        _peak_memory(row, {}, None, 1)
