@@ -191,10 +191,11 @@ def _run_passes(loaded: LoadedModel, model: ir.Model, pipeline: Pipeline, train:
 
 
 def _check_graph(model: ir.Model, pipeline: Pipeline) -> None:
-    proto = ir.to_proto(model)
+    """onnx's full check (strict shape inference included), through onnx_ir's CheckerPass: it
+    hands the checker the graph without the large initializers' data, not a full serialization."""
     try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+        ir.passes.common.CheckerPass(full_check=True)(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(
             f"the graph after passes [{pipeline.spec()}] fails the ONNX full check: {exc}"
         ) from exc

@@ -164,3 +164,23 @@ def test_mismatch_names_the_first_diverging_tensor(tiny_cnn_path, tmp_path, monk
     with pytest.raises(VerificationError) as info:
         slimgraph.export(tiny_cnn_path, tmp_path / "out", passes="test-perturb-conv")
     assert "first diverging tensor: c (output of Conv conv)" in str(info.value)
+
+
+@pytest.mark.parametrize("shapes", [([2], [2]), ([2], [3])])
+def test_the_full_check_names_the_pipeline_and_fails_as_verification(shapes):
+    """An undeclared input (checker) and incompatible shapes (strict shape inference) are both
+    the graph failing the full check, not a traceback."""
+    import onnx_ir as ir
+
+    from slimgraph.errors import VerificationError
+    from slimgraph.export import _check_graph
+    from slimgraph.passes import Pipeline
+
+    a = ir.Value(name="a", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shapes[0]))
+    b = ir.Value(name="b", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shapes[1]))
+    add = ir.node("Add", [a, b], name="add")
+    add.outputs[0].name = "y"
+    inputs = [a, b] if shapes[1] == [3] else [a]  # b undeclared: the checker's error
+    graph = ir.Graph(inputs, [add.outputs[0]], nodes=[add], opset_imports={"": 20})
+    with pytest.raises(VerificationError, match=r"after passes \[fold-constants\] fails the ONNX"):
+        _check_graph(ir.Model(graph, ir_version=10), Pipeline.parse("fold-constants"))
