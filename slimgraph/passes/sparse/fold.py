@@ -25,6 +25,7 @@ import lzma
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.tape import Tape
 
 from slimgraph.artifact import PACK_PRESET
 from slimgraph.bits import BIT_SHIFTS, pack_bits
@@ -146,40 +147,45 @@ def _coded(positions: np.ndarray) -> int:
     return len(lzma.compress(positions.tobytes(), preset=PACK_PRESET))
 
 
-def _node(namer: Namer, stem: str, op: str, inputs: list, **attrs) -> ir.Node:
-    return ir.node(op, inputs, attrs or None, name=namer(f"{stem}/{op}"))
+class _Decode:
+    """A decode subgraph on an onnx_ir Tape: nodes named ``<stem>/<op>``, constants ``<stem>.<base>``
+    registered in the graph (uniquely named) as it goes."""
 
+    def __init__(self, graph: ir.Graph, namer: Namer, stem: str) -> None:
+        self.graph, self.namer, self.stem, self.tape = graph, namer, stem, Tape()
 
-def _const(graph: ir.Graph, namer: Namer, stem: str, array) -> ir.Value:
-    return add_initializer(graph, namer, stem, np.asarray(array))
+    def const(self, base: str, array) -> ir.Value:
+        return add_initializer(self.graph, self.namer, f"{self.stem}.{base}", np.asarray(array))
+
+    def op(self, op_type: str, inputs: list, **attrs) -> ir.Value:
+        return self.tape.op(op_type, inputs, attrs or None,
+                            name=self.namer(f"{self.stem}/{op_type}"))
+
+    def done(self, out: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+        return list(self.tape.nodes), out
 
 
 def _bitmask_decode(graph, namer, stem, packed, values, n, shape):
-    g = lambda base, a: _const(graph, namer, f"{stem}.{base}", a)  # noqa: E731
-    shifted = _node(namer, stem, "BitShift", [g("bits", packed),
-                                              g("shifts", BIT_SHIFTS[None])],
-                    direction="RIGHT")
-    bit = _node(namer, stem, "Mod", [shifted.outputs[0], g("two", np.array([2], np.uint8))])
-    flat = _node(namer, stem, "Reshape", [bit.outputs[0], g("flat", np.array([-1], np.int64))])
-    cut = _node(namer, stem, "Slice", [flat.outputs[0], g("start", np.array([0], np.int64)),
-                                        g("stop", np.array([n], np.int64))])
-    mask = _node(namer, stem, "Cast", [cut.outputs[0]], to=ir.DataType.INT64)
-    rank = _node(namer, stem, "CumSum", [mask.outputs[0], g("axis", np.array(0, np.int64))])
-    index = _node(namer, stem, "Mul", [mask.outputs[0], rank.outputs[0]])
-    dense = _node(namer, stem, "Gather", [g("values", values), index.outputs[0]], axis=0)
-    out = _node(namer, stem, "Reshape", [dense.outputs[0], g("shape", np.array(shape, np.int64))])
-    return [shifted, bit, flat, cut, mask, rank, index, dense, out], out.outputs[0]
+    d = _Decode(graph, namer, stem)
+    bits = d.op("BitShift", [d.const("bits", packed), d.const("shifts", BIT_SHIFTS[None])],
+                direction="RIGHT")
+    bit = d.op("Mod", [bits, d.const("two", np.array([2], np.uint8))])
+    flat = d.op("Reshape", [bit, d.const("flat", np.array([-1], np.int64))])
+    cut = d.op("Slice", [flat, d.const("start", np.array([0], np.int64)),
+                         d.const("stop", np.array([n], np.int64))])
+    mask = d.op("Cast", [cut], to=ir.DataType.INT64)
+    rank = d.op("CumSum", [mask, d.const("axis", np.array(0, np.int64))])
+    index = d.op("Mul", [mask, rank])
+    dense = d.op("Gather", [d.const("values", values), index], axis=0)
+    return d.done(d.op("Reshape", [dense, d.const("shape", np.array(shape, np.int64))]))
 
 
 def _relative_decode(graph, namer, stem, gaps, values, n, shape):
-    g = lambda base, a: _const(graph, namer, f"{stem}.{base}", a)  # noqa: E731
-    wide = _node(namer, stem, "Cast", [g("gaps", gaps)], to=ir.DataType.INT64)
-    summed = _node(namer, stem, "CumSum", [wide.outputs[0], g("axis", np.array(0, np.int64))])
-    position = _node(namer, stem, "Sub", [summed.outputs[0], g("one", np.array([1], np.int64))])
-    zeros = _node(namer, stem, "ConstantOfShape", [g("length", np.array([n], np.int64))],
-                  value=ir.tensor(np.zeros(1, values.dtype)))
-    scatter = _node(namer, stem, "ScatterElements",
-                    [zeros.outputs[0], position.outputs[0], g("values", values)], axis=0)
-    out = _node(namer, stem, "Reshape", [scatter.outputs[0],
-                                         g("shape", np.array(shape, np.int64))])
-    return [wide, summed, position, zeros, scatter, out], out.outputs[0]
+    d = _Decode(graph, namer, stem)
+    wide = d.op("Cast", [d.const("gaps", gaps)], to=ir.DataType.INT64)
+    summed = d.op("CumSum", [wide, d.const("axis", np.array(0, np.int64))])
+    position = d.op("Sub", [summed, d.const("one", np.array([1], np.int64))])
+    zeros = d.op("ConstantOfShape", [d.const("length", np.array([n], np.int64))],
+                 value=ir.tensor(np.zeros(1, values.dtype)))
+    scatter = d.op("ScatterElements", [zeros, position, d.const("values", values)], axis=0)
+    return d.done(d.op("Reshape", [scatter, d.const("shape", np.array(shape, np.int64))]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.tape import Tape
 
 from slimgraph.errors import PipelineSpecError
 from slimgraph.passes.base import SlimgraphPass, one_of
@@ -125,14 +126,12 @@ class ShareWeightsPass(SlimgraphPass):
         tensor it decodes to."""
         stem = value.name
         idx = add_initializer(graph, namer, f"{stem}.index", index)
-        cast = ir.node("Cast", [idx], {"to": ir.DataType.INT64}, name=namer(f"{stem}/cast"))
-        gather = ir.node("Gather", [codebook, cast.outputs[0]], {"axis": 0},
-                         name=namer(f"{stem}/gather"))
-        if offset:
-            gather.metadata_props[CODEBOOK_ZERO_TAG] = "1"
-        result = gather.outputs[0]
+        tape = Tape()
+        cast = tape.op("Cast", [idx], {"to": ir.DataType.INT64}, name=namer(f"{stem}/cast"))
+        result = tape.op("Gather", [codebook, cast], {"axis": 0}, name=namer(f"{stem}/gather"),
+                         metadata_props={CODEBOOK_ZERO_TAG: "1"} if offset else None)
         result.dtype, result.shape = ir.DataType.FLOAT, ir.Shape(index.shape)
-        graph.insert_before(self._first, [cast, gather])
+        graph.insert_before(self._first, tape.nodes)
         value.replace_all_uses_with(result)
         graph.initializers.pop(stem)
         value.name = None
