@@ -143,16 +143,20 @@ def _bound(model: ir.Model, node: ir.Node) -> tuple[Callable, dict[str, Any]] | 
         return str(exc)
 
 
+def _refusals(nodes: list[ir.Node], bound: list) -> list[str]:
+    out = []
+    for n, b in zip(nodes, bound, strict=True):
+        if isinstance(b, str):
+            domain = n.domain + "." if n.domain not in ("", "ai.onnx") else ""
+            out.append(f"{domain}{n.op_type} ({n.name}{': ' + b if b else ''})")
+    return out
+
+
 def unsupported_nodes(model: ir.Model) -> list[str]:
     """``OpType (node name)`` for every node the interpreter cannot run under the model's opset,
     with the reason where it is an attribute, in graph order."""
-    out = []
-    for n in model.graph:
-        bound = _bound(model, n)
-        if isinstance(bound, str):
-            domain = n.domain + "." if n.domain not in ("", "ai.onnx") else ""
-            out.append(f"{domain}{n.op_type} ({n.name}{': ' + bound if bound else ''})")
-    return out
+    nodes = list(model.graph)
+    return _refusals(nodes, [_bound(model, n) for n in nodes])
 
 
 def _consumers(value: ir.Value) -> list[tuple[ir.Node, int]]:
@@ -222,7 +226,9 @@ class GraphModule(nn.Module):
 
     def __init__(self, model: ir.Model, *, learn_scales: bool = False) -> None:
         super().__init__()
-        bad = unsupported_nodes(model)
+        nodes = list(model.graph)
+        bound = [_bound(model, n) for n in nodes]  # resolved and bound once, refused or used
+        bad = _refusals(nodes, bound)
         if bad:
             raise UnsupportedOpError(
                 f"heal cannot train {len(bad)} node(s) of op types "
@@ -245,8 +251,8 @@ class GraphModule(nn.Module):
         raw = {name: _to_torch(v.const_value.numpy()) for name, v in self._initializers.items()
                if v.const_value is not None}
         steps = [_Step([o.name for o in n.outputs],
-                       [i.name if i is not None else None for i in n.inputs], n, *_bound(model, n))
-                 for n in graph]
+                       [i.name if i is not None else None for i in n.inputs], n, *b)
+                 for n, b in zip(nodes, bound, strict=True)]
         static = self._static_env(steps, raw)
 
         standins: dict[str, _Step] = {}
